@@ -1,0 +1,94 @@
+"""The PFG feature cache: one `<image stem>_pfg.npz` per image.
+
+Keys: `feature` float32 (D,), `encoder` (id of the encoder that made it), `source_size` and
+`source_mtime` of the image. A cache is only reused when all of them still match, so a changed
+image or a different tagger is recomputed, never silently used.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from library.errors import UserError
+from library.fileio import atomic_path
+
+SUFFIX = "_pfg.npz"
+
+
+def feature_cache_path(image_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """`<stem>_pfg.npz` beside the image, or inside cache_dir when one is given."""
+    image_path = Path(image_path)
+    folder = Path(cache_dir) if cache_dir is not None else image_path.parent
+    return folder / f"{image_path.stem}{SUFFIX}"
+
+
+def _source_stat(image_path: Path) -> tuple[int, float]:
+    st = Path(image_path).stat()
+    return int(st.st_size), float(st.st_mtime)
+
+
+def save_feature(path: str | os.PathLike, feature: np.ndarray, encoder_id: str, image_path: str | os.PathLike) -> None:
+    """Write one cache file atomically (temporary name, then rename)."""
+    feature = np.asarray(feature, dtype=np.float32)
+    if feature.ndim != 1:
+        raise ValueError(f"feature must be a vector, got shape {feature.shape}")
+    size, mtime = _source_stat(Path(image_path))
+    with atomic_path(path) as tmp:
+        np.savez(
+            tmp,
+            feature=feature,
+            encoder=np.array(encoder_id),
+            source_size=np.array(size, dtype=np.int64),
+            source_mtime=np.array(mtime, dtype=np.float64),
+        )
+
+
+def load_valid_feature(path: str | os.PathLike, encoder_id: str, image_path: str | os.PathLike) -> np.ndarray | None:
+    """The cached vector if the file exists, is readable and matches the encoder and the image
+    as it is now; None otherwise (the caller recomputes)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["encoder"]) != encoder_id:
+                return None
+            size, mtime = _source_stat(Path(image_path))
+            if int(data["source_size"]) != size or float(data["source_mtime"]) != mtime:
+                return None
+            feature = data["feature"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        return None  # unreadable or from an older layout: recompute rather than trust it
+    if feature.dtype != np.float32 or feature.ndim != 1 or not np.isfinite(feature).all():
+        return None
+    return feature
+
+
+def read_feature(path: str | os.PathLike) -> np.ndarray:
+    """The vector of a cache file, for training; a clear UserError when it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"feature cache {path} is missing; run prepare_features.py first")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            feature = data["feature"]
+    except KeyError:
+        raise UserError(f"feature cache {path} has no 'feature' array; rerun prepare_features.py") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"feature cache {path} is unreadable ({e}); delete it and rerun prepare_features.py") from None
+    if feature.ndim != 1:
+        raise UserError(f"feature cache {path}: 'feature' has shape {feature.shape}, expected a vector")
+    return feature.astype(np.float32, copy=False)
+
+
+def read_encoder_id(path: str | os.PathLike) -> str:
+    """The encoder id stored in a cache file (training records it in the PFG metadata)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return str(data["encoder"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"feature cache {path} has no readable encoder id ({e})") from None

@@ -1,0 +1,179 @@
+"""prepare_features.py through its entry point: caches, resume, stale caches, bad images."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+import prepare_features
+from library.encoders import find_pooled_tensor, load_encoder
+from library.errors import UserError
+from library.features import feature_cache_path, load_valid_feature, read_feature, save_feature
+from library.images import load_image
+from tools.make_tiny_tagger import build_tiny_tagger
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger_nchw(kit_dir):
+    return build_tiny_tagger(kit_dir / "tiny-tagger-nchw", seed=1, family="nchw-1024")
+
+
+def _make_images(folder: Path, n: int = 4) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        arr = rng.integers(0, 256, size=(40 + 20 * i, 90 - 10 * i, 3), dtype=np.uint8)
+        path = folder / f"img{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = prepare_features.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def _direct_vectors(tagger: Path, images: list[Path]) -> np.ndarray:
+    """The pooled vectors by hand: reference graph edit + plain onnxruntime run."""
+    model = onnx.load(str(tagger / "model.onnx"))
+    pooled = find_pooled_tensor(model)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(pooled, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    encoder = load_encoder(str(tagger))
+    batch = np.stack([encoder.preprocess(load_image(p)) for p in images])
+    return session.run([pooled], {session.get_inputs()[0].name: batch})[0]
+
+
+def test_writes_one_cache_per_image_equal_to_a_direct_run(tiny_tagger, tmp_path, capsys):
+    images = _make_images(tmp_path / "data", 5)
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger, "--batch_size", "2")
+    assert code == 0, out
+    assert "5 written, 0 skipped (valid cache), 0 failed" in out
+    encoder_id = load_encoder(str(tiny_tagger)).encoder_id
+    direct = _direct_vectors(tiny_tagger, images)
+    for image, expected in zip(images, direct):
+        cache = image.with_name(f"{image.stem}_pfg.npz")
+        with np.load(cache) as data:
+            assert sorted(data.files) == ["encoder", "feature", "source_mtime", "source_size"]
+            assert data["feature"].dtype == np.float32 and data["feature"].shape == (768,)
+            assert str(data["encoder"]) == encoder_id
+            assert int(data["source_size"]) == image.stat().st_size
+            assert float(data["source_mtime"]) == image.stat().st_mtime
+            np.testing.assert_allclose(data["feature"], expected, atol=1e-5)
+    assert not list((tmp_path / "data").glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_resume_skips_valid_caches_and_recomputes_stale_ones(tiny_tagger, tiny_tagger_nchw, tmp_path, capsys):
+    images = _make_images(tmp_path / "data", 4)
+    caches = [feature_cache_path(p, tmp_path / "cache") for p in images]
+    args = ["--train_data_dir", tmp_path / "data", "--cache_dir", tmp_path / "cache", "--tagger_model", tiny_tagger]
+    assert _run(capsys, *args)[0] == 0
+    stamps = [c.stat().st_mtime_ns for c in caches]
+
+    code, out = _run(capsys, *args)
+    assert code == 0 and "0 written, 4 skipped (valid cache)" in out
+    assert [c.stat().st_mtime_ns for c in caches] == stamps
+
+    caches[1].unlink()  # an interrupted run: one cache never written
+    Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(images[2])  # an image edited since
+    os.utime(images[2], ns=(0, images[2].stat().st_mtime_ns + 10**9))
+    code, out = _run(capsys, *args)
+    assert code == 0 and "2 written, 2 skipped (valid cache)" in out
+    assert caches[0].stat().st_mtime_ns == stamps[0] and caches[3].stat().st_mtime_ns == stamps[3]
+    np.testing.assert_allclose(read_feature(caches[2]), _direct_vectors(tiny_tagger, [images[2]])[0], atol=1e-5)
+
+    code, out = _run(capsys, *args[:-1], tiny_tagger_nchw)  # another encoder: everything is stale
+    assert code == 0 and "4 written, 0 skipped" in out
+    assert read_feature(caches[0]).shape == (1024,)
+
+
+def test_bad_images_are_reported_and_skipped(tiny_tagger, tmp_path, capsys):
+    images = _make_images(tmp_path / "data", 3)
+    (tmp_path / "data" / "zero.png").write_bytes(b"")
+    (tmp_path / "data" / "notes.jpg").write_text("not an image")
+    good = images[0].read_bytes()
+    (tmp_path / "data" / "cut.jpg").write_bytes(good[: len(good) // 3])
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "img0.png")  # same stem as img0.jpg
+
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger)
+    assert code == 1
+    for name, reason in [("zero.png", "empty"), ("notes.jpg", "not an image"), ("cut.jpg", "truncated"), ("img0.png", "img0_pfg.npz")]:
+        assert any(name in line and reason in line for line in out.splitlines()), (name, out)
+    assert "2 written, 0 skipped (valid cache), 5 failed" in out
+    assert sorted(p.name for p in (tmp_path / "data").glob("*_pfg.npz")) == ["img1_pfg.npz", "img2_pfg.npz"]
+
+
+def test_dataset_config_with_subset_cache_dirs(tiny_tagger_nchw, tmp_path, capsys):
+    a = _make_images(tmp_path / "a", 2)
+    b = _make_images(tmp_path / "b", 3)
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[general]\nresolution = 512\n\n[[datasets]]\n\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{(tmp_path / 'a').as_posix()}'\n\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{(tmp_path / 'b').as_posix()}'\n"
+        f"  cache_dir = '{(tmp_path / 'bcache').as_posix()}'\n"
+    )
+    code, out = _run(capsys, "--dataset_config", config, "--tagger_model", tiny_tagger_nchw)
+    assert code == 0, out
+    assert all(feature_cache_path(p).is_file() for p in a)
+    assert all(feature_cache_path(p, tmp_path / "bcache").is_file() for p in b)
+    np.testing.assert_allclose(read_feature(feature_cache_path(b[2], tmp_path / "bcache")),
+                               _direct_vectors(tiny_tagger_nchw, [b[2]])[0], atol=1e-5)
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    _make_images(tmp_path / "data", 1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    missing = tmp_path / "no_such_tagger"
+    result = subprocess.run(
+        [sys.executable, "prepare_features.py", "--train_data_dir", str(tmp_path / "data"), "--tagger_model", str(missing)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(UserError, match="is not a folder"):
+        prepare_features.main(["--train_data_dir", str(tmp_path / "nothing"), "--tagger_model", "x"])
+    with pytest.raises(UserError, match="batch_size"):
+        prepare_features.main(["--train_data_dir", str(tmp_path / "data"), "--tagger_model", "x", "--batch_size", "0"])
+
+
+def test_feature_cache_validation(tmp_path):
+    image = _make_images(tmp_path, 1)[0]
+    cache = feature_cache_path(image)
+    assert cache.name == "img0_pfg.npz" and load_valid_feature(cache, "enc:1", image) is None
+    save_feature(cache, np.arange(4, dtype=np.float64), "enc:1", image)
+    np.testing.assert_array_equal(load_valid_feature(cache, "enc:1", image), np.arange(4, dtype=np.float32))
+    assert load_valid_feature(cache, "enc:2", image) is None
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert load_valid_feature(cache, "enc:1", image) is None
+    cache.write_bytes(b"broken")
+    assert load_valid_feature(cache, "enc:1", image) is None
+    with pytest.raises(UserError, match="unreadable"):
+        read_feature(cache)
+    with pytest.raises(UserError, match="missing"):
+        read_feature(tmp_path / "nothing_pfg.npz")
+
+
+def test_kohya_repeat_folders_and_pinned_encoder(tiny_tagger, tmp_path, capsys):
+    images = _make_images(tmp_path / "train" / "10_alice", 2) + _make_images(tmp_path / "train" / "3_bob", 1)
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "train", "--tagger_model", tiny_tagger)
+    assert code == 0, out
+    assert all(feature_cache_path(p).is_file() for p in images)
+
+    config = tmp_path / "pinned.toml"
+    config.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{(tmp_path / 'train' / '3_bob').as_posix()}'\n"
+                      "encoder = 'other.onnx:000000000000'\n")
+    with pytest.raises(UserError, match="other.onnx:000000000000"):
+        prepare_features.main(["--dataset_config", str(config), "--tagger_model", str(tiny_tagger)])
