@@ -23,7 +23,7 @@ from library.dataset_config import SubsetConfig, config_from_train_data_dir, loa
 from library.encoders import ImageEncoder, load_encoder
 from library.errors import UserError, run_cli
 from library.features import feature_cache_path, load_valid_feature, save_feature
-from library.images import ImageLoadError, list_images, load_image, prefetch
+from library.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, prefetch
 
 
 T = TypeVar("T")
@@ -69,7 +69,12 @@ def collect_jobs(subsets: list[SubsetConfig], cache_dir: Path | None) -> list[Jo
     jobs: list[Job] = []
     for subset in subsets:
         folder = cache_dir or subset.cache_dir
-        jobs += [Job(p, feature_cache_path(p, folder)) for p in list_images(subset.image_dir)]
+        images = list_images(subset.image_dir)
+        if not images:
+            print(f"warning: no images in {subset.image_dir} ({subset.name})")
+        jobs += [Job(p, feature_cache_path(p, folder)) for p in images]
+    if not jobs:
+        raise UserError("no images found (extensions: " + " ".join(IMAGE_EXTENSIONS) + ")")
     return jobs
 
 
