@@ -397,7 +397,7 @@ def load_vae(path_or_folder: str | Path, dtype: torch.dtype | None = torch.float
         sub = "vae" if (path / "vae" / "config.json").is_file() else None
         if sub is None and not (path / "config.json").is_file():
             raise UserError(f"{path}: not a diffusers VAE folder (no config.json)")
-        return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True, torch_dtype=dtype)
+        return AutoencoderKL.from_pretrained(path, subfolder=sub, local_files_only=True, dtype=dtype)
     raw, metadata = read_state_dict(path)
     hint = _hints(metadata, None).get("vae")
     if any(k.startswith(VAE_PREFIX) for k in raw):

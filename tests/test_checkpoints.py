@@ -300,6 +300,6 @@ def test_save_diffusers_folder(exported, tmp_path):
     assert {t.dtype for t in load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors")).values()} == {
         torch.float16}
     assert pipe.unet.dtype == torch.float32  # the models passed in are not cast
-    loaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, torch_dtype=torch.float16)
+    loaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True, dtype=torch.float16)
     assert loaded.scheduler.config.prediction_type == "v_prediction"
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight.half())
