@@ -329,7 +329,7 @@ def _prediction_type(flag: bool | None, metadata: Mapping[str, str], hint: dict 
     guess = "epsilon" if variant == "sd1" else "v_prediction"
     if variant == "sd2":
         logger.warning("%s: prediction type not recorded; assuming v-prediction (SD2.x 768-v). "
-                       "Pass --v_parameterization false for 512-base SD2 models.", source)
+                       "Pass --no-v_parameterization for 512-base (epsilon) SD2 models.", source)
     return guess, "default"
 
 

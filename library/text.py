@@ -223,7 +223,11 @@ class PromptEncoder:
             w = chunks.weights.to(zf.device)[..., None]
             before = zf.mean(dim=(-2, -1), keepdim=True)
             zf = zf * w
-            zf = zf * (before / zf.mean(dim=(-2, -1), keepdim=True))
+            after = zf.mean(dim=(-2, -1), keepdim=True)
+            # A mean of ~0 (e.g. a final layer norm without bias) makes the ratio meaningless:
+            # keep the weighted states as they are rather than divide by zero.
+            ratio = torch.where(after.abs() > 1e-6, before / after, torch.ones_like(after))
+            zf = zf * ratio
             z = zf.to(z.dtype)
         return z.reshape(b, n * length, -1)
 

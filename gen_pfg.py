@@ -1,0 +1,126 @@
+"""Generate images guided by images: SD + a trained PFG head + the image encoder.
+
+    python gen_pfg.py --pretrained_model_name_or_path SD --pfg_weights NAME-pfg.safetensors \
+        --tagger_model TAGGER --image guide.png --prompt "illustration of *" --outdir out/
+
+The recipe: settings -> model (+LoRA, +VAE) -> PFG head and encoder -> requests -> images.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+from library.errors import UserError, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from library.cli_config import parse_settings
+    from library.gen_settings import GenSettings
+
+    settings, _ = parse_settings(GenSettings, argv, __doc__)
+    settings.validate()
+    requests = build_requests(settings)  # prompt-file mistakes surface before models load
+
+    import torch
+
+    from library.image_outputs import contact_sheet, next_index, save_png
+    from library.models import apply_lora_files, load_sd_model, move, set_attention_backend
+    from library.pfg import check_compatible, load_pfg
+    from library.sampling import PFGSampler, a1111_parameters
+    from library.text import PromptEncoder
+
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
+
+    # 1. The model, with its LoRA files and VAE override.
+    model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
+    if settings.vae:
+        from library.checkpoints import load_vae
+
+        model.vae = load_vae(settings.vae)
+    apply_lora_files(model, settings.network_weights, settings.network_mul)
+    for module in (model.unet, model.vae, model.text_encoder):
+        move(module, device, dtype).eval()
+    set_attention_backend(model.unet, "xformers" if settings.xformers else "sdpa")
+    if settings.vae_slicing:
+        model.vae.enable_slicing()
+    if settings.vae_tiling:
+        model.vae.enable_tiling()
+
+    # 2. The PFG head and the image encoder, checked against each other and the UNet.
+    adapter, encoder = None, None
+    if settings.pfg_weights:
+        adapter, _ = load_pfg(settings.pfg_weights, model.cross_attention_dim)
+        adapter.to(device, dtype=dtype).eval()
+        if settings.tagger_model:
+            from library.encoders import load_encoder
+
+            encoder = load_encoder(settings.tagger_model, device=device.type, feature_tensor=settings.feature_tensor or None)
+        check_compatible(adapter, settings.pfg_weights, encoder.dim if encoder else None, model.cross_attention_dim)
+    prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=settings.clip_skip)
+    sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
+
+    # 3. Generate and save, each PNG with the parameters that reproduce it.
+    outdir = Path(settings.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    index = next_index(outdir)
+    model_name = Path(settings.pretrained_model_name_or_path).name
+    pfg_name = Path(settings.pfg_weights).name if settings.pfg_weights else ""
+    grid_rows = []
+    for request in requests:
+        results = []
+        for start in range(0, settings.images_per_prompt, settings.batch_size):
+            count = min(settings.batch_size, settings.images_per_prompt - start)
+            batch_request = request if start == 0 else _shift_seed(request, start)
+            for image, seed in sampler.generate(batch_request, count):
+                path = outdir / f"{index:05d}-{seed}.png"
+                save_png(image, path, a1111_parameters(request, seed, model_name, pfg_name))
+                print(f"wrote {path}")
+                results.append(image)
+                index += 1
+        if settings.grid:
+            grid_rows.append((_guide_thumbnail(request), results))
+    if settings.grid:
+        sheet_path = outdir / f"grid-{index - 1:05d}.png"
+        save_png(contact_sheet(grid_rows), sheet_path, "contact sheet: guide image, then its results")
+        print(f"wrote {sheet_path}")
+    return 0
+
+
+def build_requests(settings) -> list:
+    from library.prompt_file import read_prompt_file
+    from library.sampling import Guide, SampleRequest
+
+    seed = settings.seed if settings.seed >= 0 else random.randint(0, 2**31 - 1)
+    guides = tuple(Guide.parse(p) for p in [*settings.image, *settings.features])
+    for guide in guides:
+        if not Path(guide.path).is_file():
+            raise UserError(f"guide not found: {guide.path}")
+    defaults = SampleRequest(
+        prompt=settings.prompt, negative_prompt=settings.negative_prompt, width=settings.W, height=settings.H,
+        steps=settings.steps, scale=settings.scale, seed=seed, sampler=settings.sampler, pfg_scale=settings.pfg_scale,
+        guides=guides, negative_guides=tuple(Guide.parse(p) for p in settings.negative_image),
+        init_image=settings.init_image, strength=settings.strength,
+    )
+    defaults.validate("gen_pfg.py")
+    if settings.from_file:
+        return read_prompt_file(settings.from_file, defaults)
+    return [defaults]
+
+
+def _shift_seed(request, offset: int):
+    from dataclasses import replace
+
+    return replace(request, seed=request.seed + offset)
+
+
+def _guide_thumbnail(request):
+    from library.images import load_image
+
+    images = [g.path for g in request.guides if not g.path.endswith(".npz")]
+    return load_image(images[0]) if images else None
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

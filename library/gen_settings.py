@@ -1,0 +1,61 @@
+"""Every gen_pfg.py option, typed. The command line and `--config_file` both fill this."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from library.cli_config import setting
+from library.errors import UserError
+from library.sampling import SAMPLERS
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    pretrained_model_name_or_path: str = setting("", "SD1.x/SD2.x diffusers folder, single-file checkpoint or hub id")
+    vae: str = setting("", "replace the model's VAE: a single-file VAE or a diffusers VAE folder")
+    v_parameterization: bool | None = setting(None, "the model predicts v (needed for v-models given as single files without metadata); --no-v_parameterization forces epsilon")
+    pfg_weights: str = setting("", "NAME-pfg.safetensors, or an original .pt PFG file")
+    tagger_model: str = setting("", "image encoder for guide images: WD tagger folder, .onnx or hub id")
+    feature_tensor: str = setting("", "name of the pooled-vector tensor inside the tagger graph (found automatically if empty)")
+    network_weights: list[str] = setting([], "LoRA files (ours or any kohya LoRA), repeatable")
+    network_mul: list[float] = setting([], "strength per LoRA file (default 1.0 each)")
+    image: list[str] = setting([], "guide image PATH[:WEIGHT], repeatable; vectors are averaged by weight")
+    negative_image: list[str] = setting([], "guide image whose tokens replace the padding of the unconditional branch")
+    features: list[str] = setting([], "precomputed *_pfg.npz vector files used as guides (no tagger needed), PATH[:WEIGHT]")
+    pfg_scale: float = setting(1.0, "tokens = pfg_scale * PFG(feature); 0 disables PFG")
+    uncond: str = setting("zeros", "padding of the unconditional branch", choices=("zeros", "eos"))
+    prompt: str = setting("illustration of *", "prompt (A1111 weighting syntax)")
+    negative_prompt: str = setting("", "negative prompt")
+    from_file: str = setting("", "prompt file in kohya's line syntax (--n --w --h --d --s --l --i --ps)")
+    clip_skip: int = setting(1, "use the k-th last text encoder layer (2 = penultimate)")
+    W: int = setting(512, "image width (multiple of 8)")
+    H: int = setting(512, "image height (multiple of 8)")
+    steps: int = setting(28, "sampling steps")
+    scale: float = setting(7.0, "CFG scale")
+    sampler: str = setting("euler_a", "sampler", choices=tuple(SAMPLERS))
+    seed: int = setting(-1, "seed of the first image (-1: random); image k uses seed + k")
+    images_per_prompt: int = setting(1, "images per prompt")
+    batch_size: int = setting(1, "images generated together")
+    init_image: str = setting("", "img2img: start from this image")
+    strength: float = setting(0.75, "img2img denoising strength")
+    outdir: str = setting("outputs", "output folder")
+    grid: bool = setting(False, "also write a contact sheet: guide images beside their results")
+    device: str = setting("", "cuda or cpu (default: cuda when available)")
+    dtype: str = setting("fp32", "model dtype", choices=("fp32", "fp16", "bf16"))
+    sdpa: bool = setting(False, "torch scaled-dot-product attention (the default)")
+    xformers: bool = setting(False, "xformers attention (CUDA only, optional install)")
+    vae_slicing: bool = setting(False, "decode one image at a time (less memory)")
+    vae_tiling: bool = setting(False, "decode in tiles (large sizes)")
+
+    def validate(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise UserError("--pretrained_model_name_or_path is required")
+        if self.sdpa and self.xformers:
+            raise UserError("--sdpa and --xformers exclude each other")
+        if (self.image or self.negative_image) and not self.pfg_weights:
+            raise UserError("--image needs --pfg_weights")
+        if self.image and not self.tagger_model and not all(p.split(":")[0].endswith(".npz") for p in self.image):
+            raise UserError("--image needs --tagger_model to turn the guide image into a vector (or use --features)")
+        if self.images_per_prompt < 1 or self.batch_size < 1:
+            raise UserError("--images_per_prompt and --batch_size must be at least 1")
+        if self.network_mul and len(self.network_mul) != len(self.network_weights):
+            raise UserError(f"--network_mul has {len(self.network_mul)} values for {len(self.network_weights)} --network_weights files")

@@ -1,0 +1,111 @@
+"""Self-describing outputs: kohya-style `ss_*` training metadata, `modelspec.*`, and the
+precomputed hashes webui extensions read (`sshs_model_hash`, `sshs_legacy_hash`).
+
+`python -m library.metadata FILE` prints a safetensors file's metadata and tensor summary.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_to_bytes
+
+from library.errors import UserError, run_cli
+
+MODELSPEC_VERSION = "1.0.0"
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sd2-eps": "stable-diffusion-v2-512"}
+
+
+def modelspec(variant: str, v_prediction: bool, kind: str, title: str, resolution: tuple[int, int]) -> dict[str, str]:
+    """`modelspec.*` keys (Stability's model spec). `kind` is the adapter suffix: "pfg", "lora" or ""."""
+    arch = ARCHITECTURES["sd2" if v_prediction else "sd2-eps"] if variant == "sd2" else ARCHITECTURES.get(variant, variant)
+    return {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": f"{arch}/{kind}" if kind else arch,
+        "modelspec.implementation": "diffusers" if kind == "lora" else "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def training_metadata(values: dict[str, object]) -> dict[str, str]:
+    """`ss_*` keys: every value as a string (JSON for structures), as kohya writes them."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        text = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+        out[key if key.startswith("ss_") else f"ss_{key}"] = text
+    return out
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """The hashes kohya precomputes so webui extensions need not reread the file.
+
+    Only the immutable `ss_*` training keys take part, so later edits of user metadata do not
+    change the hash. model hash: sha256 of the bytes after the header; legacy: sha256 of 64 KiB
+    at offset 1 MiB, first 8 hex digits.
+    """
+    training_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    data = io.BytesIO(save_to_bytes({k: v.contiguous() for k, v in tensors.items()}, training_only))
+    header_len = int.from_bytes(data.read(8), "little")
+    data.seek(8 + header_len)
+    model_hash = hashlib.sha256(data.read()).hexdigest()
+    data.seek(0x100000)
+    legacy_hash = hashlib.sha256(data.read(0x10000)).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
+    return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+
+
+def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """(metadata, {tensor name: (shape, dtype)}) without loading tensor data."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    return meta, tensors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Print a safetensors file's metadata and tensor summary.")
+    parser.add_argument("file")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor, not just a summary")
+    args = parser.parse_args(argv)
+    meta, tensors = read_metadata(args.file)
+    print(f"# {args.file}")
+    print(f"## metadata ({len(meta)} keys)")
+    for key in sorted(meta):
+        value = meta[key]
+        print(f"{key}: {value if len(value) < 200 else value[:200] + '...'}")
+    params = sum(int(torch.tensor(shape).prod()) if shape else 1 for shape, _ in tensors.values())
+    dtypes = sorted({dtype for _, dtype in tensors.values()})
+    print(f"## tensors: {len(tensors)}, {params:,} values, dtypes {', '.join(dtypes)}")
+    names = sorted(tensors) if args.tensors else sorted(tensors)[:10]
+    for name in names:
+        shape, dtype = tensors[name]
+        print(f"{name}: {list(shape)} {dtype}")
+    if len(names) < len(tensors):
+        print(f"... {len(tensors) - len(names)} more (use --tensors)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

@@ -1,0 +1,212 @@
+"""The PFG adapter: image vector -> extra cross-attention tokens, and its file formats.
+
+`NAME-pfg.safetensors` holds `pfg_linear.weight` (N*C, D) and `pfg_linear.bias` (N*C); token i
+is rows i*C ... (i+1)*C. This is the layout the original PFG scripts and the A1111/ComfyUI
+loaders use, so files move between tools unchanged. The MLP variant (`--pfg_hidden_dim > 0`)
+stores `pfg_mlp.0.*` and `pfg_mlp.2.*` instead and says so in the metadata (`pfg.head`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from library.errors import UserError
+from library.fileio import atomic_path
+
+
+@dataclass(frozen=True)
+class PFGShape:
+    num_tokens: int  # N
+    input_dim: int  # D: the image encoder's vector width
+    cross_attention_dim: int  # C: the UNet's context width
+    hidden_dim: int = 0  # 0: the original single Linear; >0: Linear -> GELU -> Linear
+
+
+class PFGAdapter(torch.nn.Module):
+    """Maps (B, D) image vectors to (B, N, C) tokens: `pfg_scale * head(feature)`."""
+
+    def __init__(self, shape: PFGShape):
+        super().__init__()
+        self.shape = shape
+        out = shape.num_tokens * shape.cross_attention_dim
+        if shape.hidden_dim > 0:
+            self.pfg_mlp = torch.nn.Sequential(
+                torch.nn.Linear(shape.input_dim, shape.hidden_dim),
+                torch.nn.GELU(),
+                torch.nn.Linear(shape.hidden_dim, out),
+            )
+        else:
+            self.pfg_linear = torch.nn.Linear(shape.input_dim, out)
+
+    def forward(self, features: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        head = self.pfg_mlp if self.shape.hidden_dim > 0 else self.pfg_linear
+        param = next(head.parameters())
+        tokens = head(features.to(device=param.device, dtype=param.dtype))
+        tokens = tokens.reshape(-1, self.shape.num_tokens, self.shape.cross_attention_dim)
+        if isinstance(scale, torch.Tensor):  # per-sample scale, e.g. PFG dropout
+            scale = scale.to(tokens).reshape(-1, 1, 1)
+        return tokens * scale
+
+
+def append_tokens(text_states: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The UNet context: text encoder states followed by the PFG tokens (the conditioning rule)."""
+    if tokens is None:
+        return text_states
+    return torch.cat([text_states, tokens.to(text_states)], dim=1)
+
+
+def uncond_tokens(mode: str, text_states: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Padding for the unconditional CFG branch (DESIGN.md §4).
+
+    `zeros`: zero tokens, the convention of the existing loaders. `eos`: the last text
+    token's state repeated, as the original script did. Same length as the conditional branch.
+    """
+    batch, _, width = text_states.shape
+    if mode == "zeros":
+        return text_states.new_zeros(batch, num_tokens, width)
+    if mode == "eos":
+        return text_states[:, -1:, :].expand(batch, num_tokens, width).clone()
+    raise UserError(f"--uncond must be 'zeros' or 'eos', got {mode!r}")
+
+
+def combine_features(features: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Several guide images: the weighted mean of their vectors, Σ w_i f_i / Σ w_i.
+
+    Combining vectors (not tokens) keeps the result inside the encoder's space, which is what
+    the adapter was trained on; with weights 1:0 it is exactly the first image. A total weight
+    of zero is refused rather than silently dividing by zero.
+    """
+    if len(features) != len(weights) or not features:
+        raise ValueError("one weight per guide image is required")
+    total = float(sum(weights))
+    if abs(total) < 1e-12:
+        raise UserError(f"guide image weights {weights} sum to zero; give at least one non-zero weight")
+    stacked = torch.stack([f.float() for f in features])
+    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * (stacked.dim() - 1)))
+    return (stacked * w).sum(0) / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_tokens: int | None) -> PFGShape:
+    if "pfg_linear.weight" in state:
+        weight = state["pfg_linear.weight"]
+        hidden = 0
+    elif "pfg_mlp.0.weight" in state and "pfg_mlp.2.weight" in state:
+        hidden = state["pfg_mlp.0.weight"].shape[0]
+        weight = state["pfg_mlp.2.weight"]
+    else:
+        raise UserError(f"{where}: not a PFG file (no 'pfg_linear.weight'; keys: {sorted(state)[:6]})")
+    out_dim = weight.shape[0]
+    input_dim = state["pfg_mlp.0.weight"].shape[1] if hidden else weight.shape[1]
+    if num_tokens is None:
+        raise UserError(f"{where}: the token count is unknown; pass --pfg_num_tokens")
+    if out_dim % num_tokens:
+        raise UserError(f"{where}: output width {out_dim} is not divisible by {num_tokens} tokens")
+    return PFGShape(num_tokens, input_dim, out_dim // num_tokens, hidden)
+
+
+def _guess_num_tokens(out_dim: int, cross_attention_dim: int | None) -> int | None:
+    """Original `.pt` files carry no metadata: N = rows / C when the model's C is known."""
+    if cross_attention_dim and out_dim % cross_attention_dim == 0:
+        return out_dim // cross_attention_dim
+    for width in (768, 1024, 2048):  # SD1.x, SD2.x, SDXL
+        if out_dim % width == 0:
+            return out_dim // width
+    return None
+
+
+def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept the original scripts' variants: a bare Linear state dict (`weight`, `bias`) or a
+    wrapper such as `{"state_dict": ...}`."""
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if set(state) >= {"weight", "bias"} and "pfg_linear.weight" not in state:
+        state = {"pfg_linear.weight": state["weight"], "pfg_linear.bias": state["bias"]}
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pfg(path: str | Path, cross_attention_dim: int | None = None) -> tuple[PFGAdapter, dict[str, str]]:
+    """Load our safetensors or an original `.pt` PFG file. Returns the adapter and its metadata.
+
+    `.pt` files are read with `weights_only=True`: no pickled code ever runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"PFG weights not found: {path}")
+    metadata: dict[str, str] = {}
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or a pickle with code in it
+        raise UserError(f"{path}: cannot read PFG weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a PFG file (expected a dict of tensors, got {type(state).__name__})")
+    state = _normalise_keys(state)
+    num_tokens = int(metadata["pfg.num_tokens"]) if "pfg.num_tokens" in metadata else None
+    if num_tokens is None:
+        rows = (state.get("pfg_linear.weight") if "pfg_linear.weight" in state else state.get("pfg_mlp.2.weight"))
+        num_tokens = _guess_num_tokens(rows.shape[0], cross_attention_dim) if rows is not None else None
+    shape = _shape_from_state_dict(state, str(path), num_tokens)
+    adapter = PFGAdapter(shape)
+    try:
+        adapter.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: tensors do not match a PFG head of shape {shape}: {e}") from None
+    return adapter, metadata
+
+
+def check_compatible(adapter: PFGAdapter, source: str, input_dim: int | None, cross_attention_dim: int | None) -> None:
+    """Fail early, naming both numbers, when the PFG file does not fit the encoder or the UNet."""
+    shape = adapter.shape
+    if input_dim is not None and shape.input_dim != input_dim:
+        raise UserError(
+            f"{source}: PFG input width D={shape.input_dim} does not match the image encoder's vector width D={input_dim}"
+        )
+    if cross_attention_dim is not None and shape.cross_attention_dim != cross_attention_dim:
+        raise UserError(
+            f"{source}: PFG token width C={shape.cross_attention_dim} does not match the UNet's "
+            f"cross-attention width C={cross_attention_dim}"
+        )
+
+
+def pfg_metadata(shape: PFGShape, encoder_id: str) -> dict[str, str]:
+    return {
+        "pfg.num_tokens": str(shape.num_tokens),
+        "pfg.input_dim": str(shape.input_dim),
+        "pfg.cross_attention_dim": str(shape.cross_attention_dim),
+        "pfg.head": "mlp" if shape.hidden_dim > 0 else "linear",
+        "pfg.hidden_dim": str(shape.hidden_dim),
+        "pfg.encoder": encoder_id,
+    }
+
+
+def save_pfg(
+    adapter: PFGAdapter,
+    path: str | Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype | None = None,
+    save_pt: bool = False,
+) -> list[Path]:
+    """Write `NAME-pfg.safetensors` (and `NAME-pfg.pt` when asked), atomically."""
+    path = Path(path)
+    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    written = [path]
+    if save_pt:
+        pt_path = path.with_suffix(".pt")
+        with atomic_path(pt_path) as tmp:
+            torch.save(state, tmp)
+        written.append(pt_path)
+    return written

@@ -1,0 +1,184 @@
+"""The training loop: epochs of bucketed batches, optimizer steps through accelerate, save
+points, resumable state and progress display. The step itself is `PFGTrainer.loss`."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from library.dataset import PFGDataset, TrainItem, collate, epoch_batches
+from library.errors import UserError
+from library.fileio import atomic_dir
+from library.saving import OutputWriter, epoch_tag, step_tag, write_json
+from library.trainer import PFGTrainer
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch in progress (0-based)
+    global_step: int = 0  # optimizer steps done
+    batch_in_epoch: int = 0  # batches of this process consumed in the current epoch
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    max_train_steps: int
+    max_train_epochs: int
+    seed: int
+    max_grad_norm: float
+    save_every_n_steps: int
+    save_every_n_epochs: int
+    save_state: bool
+    dataloader_workers: int
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+class TrainLoop:
+    def __init__(
+        self,
+        accelerator,
+        trainer: PFGTrainer,
+        dataset: PFGDataset,
+        items: list[TrainItem],
+        batch_sizes: list[int],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        trained_modules: list[torch.nn.Module],
+        writer: OutputWriter,
+        options: LoopOptions,
+        on_step: Callable[[int], None] | None = None,
+    ):
+        self.accelerator = accelerator
+        self.trainer = trainer
+        self.dataset = dataset
+        self.items = items
+        self.batch_sizes = batch_sizes
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.trained_modules = trained_modules
+        self.writer = writer
+        self.options = options
+        self.on_step = on_step  # e.g. sample images every N steps
+        self.progress = Progress()
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """This process's share of the epoch: batch k goes to process k mod world size."""
+        batches = epoch_batches(self.items, self.batch_sizes, self.options.seed, epoch)
+        world = self.accelerator.num_processes
+        per_process = len(batches) // world  # equal counts keep DDP processes in step
+        if per_process == 0:
+            raise UserError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {world} processes")
+        return batches[self.accelerator.process_index :: world][:per_process]
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.batches_for_epoch(0)) / self.accelerator.gradient_accumulation_steps)
+
+    def total_steps(self) -> int:
+        if self.options.max_train_epochs > 0:
+            return self.options.max_train_epochs * self.steps_per_epoch()
+        return self.options.max_train_steps
+
+    # -- state ------------------------------------------------------------------------------
+
+    def save_state(self, folder: Path) -> None:
+        with atomic_dir(folder) as tmp:
+            self.accelerator.save_state(str(tmp))
+            write_json(tmp / STATE_FILE, asdict(self.progress))
+
+    def load_state(self, folder: Path) -> None:
+        folder = Path(folder)
+        if not (folder / STATE_FILE).is_file():
+            raise UserError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
+        self.accelerator.load_state(str(folder))
+        self.progress = Progress(**json.loads((folder / STATE_FILE).read_text()))
+        self.accelerator.print(f"resuming from {folder}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _save_point(self, tag: str | None) -> list[Path]:
+        """Save outputs (and state) on the main process; intermediate points rotate."""
+        self.accelerator.wait_for_everyone()
+        written: list[Path] = []
+        if self.options.save_state:
+            state = self.writer.state_dir(tag)
+            self.save_state(state)  # every process takes part in accelerate's save_state
+            written.append(state)
+        if self.accelerator.is_main_process:
+            unet = self.accelerator.unwrap_model(self.trainer.model.unet)
+            adapter = self.accelerator.unwrap_model(self.trainer.adapter)
+            written = self.writer.save(adapter, unet, tag, {"steps": self.progress.global_step, "epoch": self.progress.epoch}) + written
+            if tag is not None:
+                self.writer.rotate(written)
+        return written
+
+    def _device_batch(self, batch: dict) -> dict:
+        device = self.accelerator.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients and self.options.max_grad_norm > 0:
+            params = [p for m in self.trained_modules for p in m.parameters() if p.requires_grad]
+            self.accelerator.clip_grad_norm_(params, self.options.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run(self) -> list[Path]:
+        total = self.total_steps()
+        progress = self.progress
+        bar = tqdm(total=total, initial=progress.global_step, desc="steps", disable=not self.accelerator.is_local_main_process)
+        loss_sum, loss_count = 0.0, 0
+        for module in self.trained_modules:
+            module.train()
+        while progress.global_step < total:
+            batches = self.batches_for_epoch(progress.epoch)[progress.batch_in_epoch :]
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.options.dataloader_workers
+            )
+            for batch in loader:
+                with self.accelerator.accumulate(*self.trained_modules):
+                    with self.accelerator.autocast():
+                        loss = self.trainer.loss(self._device_batch(batch))
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at step {progress.global_step + 1} (epoch {progress.epoch + 1}); "
+                            "stopping. The last saved checkpoint is intact; lower the learning rate or use another precision"
+                        )
+                    self._optimizer_step(loss)
+                progress.batch_in_epoch += 1
+                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                if not self.accelerator.sync_gradients:
+                    continue
+                progress.global_step += 1
+                lr = self.lr_scheduler.get_last_lr()[0]
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}")
+                self.accelerator.log({"loss": loss.item(), "loss_avg": loss_sum / loss_count, "lr": lr}, step=progress.global_step)
+                if self.on_step is not None:
+                    self.on_step(progress.global_step)
+                every = self.options.save_every_n_steps
+                if every and progress.global_step % every == 0 and progress.global_step < total:
+                    self._save_point(step_tag(progress.global_step))
+                if progress.global_step >= total:
+                    break
+            else:  # the epoch ran to its end
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+                every = self.options.save_every_n_epochs
+                if every and progress.epoch % every == 0 and progress.global_step < total:
+                    self._save_point(epoch_tag(progress.epoch))
+        bar.close()
+        return self._save_point(None)

@@ -1,0 +1,62 @@
+"""Preparing models for a training run: what is frozen, in which dtype, on which device, and
+the optimizer's parameter groups. One function per decision, called in order by train_pfg.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from library.errors import UserError
+from library.models import SDModel, move, set_attention_backend
+from library.pfg import PFGAdapter, PFGShape, check_compatible, load_pfg
+from library.train_settings import TrainSettings
+
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.device) -> None:
+    """Freeze the VAE and text encoder (kept in the autocast dtype to save memory); the UNet
+    trains in fp32 (or bf16 with --full_bf16), or is frozen too with --train_unet none."""
+    frozen_dtype = PRECISION_DTYPES[settings.mixed_precision]
+    for module in (model.vae, model.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+        move(module, device, frozen_dtype)
+    train_unet = settings.train_unet == "full"
+    model.unet.requires_grad_(train_unet)
+    unet_dtype = torch.bfloat16 if settings.full_bf16 else (torch.float32 if train_unet else frozen_dtype)
+    move(model.unet, device, unet_dtype)
+    set_attention_backend(model.unet, settings.attention)
+    if settings.gradient_checkpointing:
+        # Also useful with a frozen UNet: gradients still flow through it to the PFG tokens.
+        model.unet.enable_gradient_checkpointing()
+    model.unet.train(train_unet or settings.gradient_checkpointing)
+
+
+def build_adapter(settings: TrainSettings, input_dim: int, cross_attention_dim: int, device: torch.device) -> PFGAdapter:
+    """A fresh PFG head, or the one in --resume_pfg (checked against the encoder and the UNet)."""
+    if settings.resume_pfg:
+        adapter, _ = load_pfg(settings.resume_pfg, cross_attention_dim)
+        check_compatible(adapter, settings.resume_pfg, input_dim, cross_attention_dim)
+        if adapter.shape.num_tokens != settings.pfg_num_tokens:
+            print(f"--resume_pfg has {adapter.shape.num_tokens} tokens; using that instead of --pfg_num_tokens {settings.pfg_num_tokens}")
+    else:
+        adapter = PFGAdapter(PFGShape(settings.pfg_num_tokens, input_dim, cross_attention_dim, settings.pfg_hidden_dim))
+    dtype = torch.bfloat16 if settings.full_bf16 else torch.float32
+    return adapter.to(device, dtype=dtype)
+
+
+def parameter_groups(settings: TrainSettings, adapter: PFGAdapter, unet: torch.nn.Module) -> list[dict]:
+    """Separate learning rates: the small PFG head learns faster than the UNet."""
+    groups = [{"params": list(adapter.parameters()), "lr": settings.pfg_learning_rate, "name": "pfg"}]
+    if settings.train_unet == "full":
+        groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "lr": settings.learning_rate, "name": "unet"})
+    return groups
+
+
+def check_output_dir(settings: TrainSettings) -> Path:
+    out = Path(settings.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,174 @@
+"""Train a PFG head (and the UNet) on precomputed image vectors.
+
+    accelerate launch train_pfg.py --pretrained_model_name_or_path SD --dataset_config DATASET.toml \
+        --output_dir OUT --output_name NAME --train_unet full --max_train_steps 1000
+
+Every option may also live in `--config_file TRAIN.toml`. The recipe: settings -> dataset ->
+models -> adapter -> optimizer -> loop -> outputs.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+from library.errors import UserError, run_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    from library.cli_config import parse_settings, settings_to_toml
+    from library.dataset_config import DatasetDefaults, config_from_train_data_dir, load_dataset_config
+    from library.train_settings import TrainSettings
+
+    # 1. Settings and dataset config: every mistake surfaces here, before any model loads.
+    settings, _ = parse_settings(TrainSettings, argv, __doc__)
+    settings.validate()
+    defaults = DatasetDefaults.from_settings(settings)
+    if settings.dataset_config:
+        dataset_config = load_dataset_config(settings.dataset_config, defaults)
+    else:
+        dataset_config = config_from_train_data_dir(settings.train_data_dir, defaults)
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from library.buckets import format_bucket_table
+    from library.dataset import PFGDataset, bucket_counts, collect_items, load_features
+    from library.latents import cache_latents
+    from library.metadata import training_metadata
+    from library.models import load_sd_model
+    from library.optim import build_optimizer
+    from library.saving import OutputWriter
+    from library.text import PromptEncoder
+    from library.train_loop import LoopOptions, TrainLoop
+    from library.train_setup import build_adapter, check_output_dir, parameter_groups, prepare_sd_model
+    from library.trainer import PFGTrainer, StepOptions
+
+    output_dir = check_output_dir(settings)
+    accelerator = Accelerator(
+        mixed_precision=settings.mixed_precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+    )
+    set_seed(settings.seed)
+
+    # 2. Images, buckets, captions and PFG vectors.
+    items, failures = collect_items(dataset_config, settings.pfg_prompt)
+    for failure in failures:
+        accelerator.print(f"skipped {failure.path}: {failure.reason}")
+    if not items:
+        raise UserError(f"{dataset_config.source}: no usable images found")
+    encoder_id = ensure_features(items, settings, accelerator)
+    features = load_features(items)
+    accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})")
+    accelerator.print(format_bucket_table(bucket_counts(items)))
+
+    # 3. Models.
+    model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
+    prepare_sd_model(model, settings, accelerator.device)
+    adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device)
+    prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, settings.max_token_length, settings.clip_skip)
+
+    latents = None
+    if settings.cache_latents or settings.cache_latents_to_disk:
+        jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
+        latents = cache_latents(jobs, model.vae, to_disk=settings.cache_latents_to_disk, progress=accelerator.is_local_main_process)
+    dataset = PFGDataset(items, features, latents)
+
+    # 4. Optimizer, schedule, and accelerate's wrapping of what trains.
+    trained = [adapter] + ([model.unet] if settings.train_unet == "full" else [])
+    optimizer = build_optimizer(settings.optimizer_type, parameter_groups(settings, adapter, model.unet), settings.optimizer_args)
+    trainer = PFGTrainer(model, adapter, prompt_encoder, StepOptions(settings.noise_offset, settings.min_snr_gamma, settings.pfg_dropout, settings.uncond))
+    batch_sizes = [d.batch_size for d in dataset_config.datasets]
+    options = LoopOptions(
+        settings.max_train_steps, settings.max_train_epochs, settings.seed, settings.max_grad_norm,
+        settings.save_every_n_steps, settings.save_every_n_epochs, settings.save_state, settings.dataloader_workers,
+    )
+    writer = OutputWriter(
+        output_dir, settings.output_name, model, settings.train_unet, settings.save_model_as, settings.save_precision,
+        settings.save_pfg_pt, settings.save_last_n, {}, encoder_id, dataset_config.datasets[0].resolution,
+    )
+    loop = TrainLoop(accelerator, trainer, dataset, items, batch_sizes, optimizer, None, trained, writer, options)
+    total_steps = loop.total_steps()
+    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps, num_training_steps=total_steps)
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    trainer.adapter = prepared[0]
+    if settings.train_unet == "full":
+        model.unet = prepared[1]
+    loop.trained_modules = list(prepared[: len(trained)])
+    loop.optimizer, loop.lr_scheduler = prepared[-2], prepared[-1]
+    if settings.resume:
+        loop.load_state(Path(settings.resume))
+
+    writer.base_metadata = training_metadata(run_summary(settings, items, dataset_config, total_steps, model))
+    if accelerator.is_main_process:
+        (output_dir / f"{settings.output_name}-settings.toml").write_text(settings_to_toml(settings))
+    accelerator.print(f"training {settings.train_unet!r}: {total_steps} steps, {len(items)} images, "
+                      f"{math.ceil(total_steps / max(1, loop.steps_per_epoch()))} epochs")
+
+    # 5. Train and save.
+    started = time.time()
+    written = loop.run()
+    accelerator.print(f"done in {time.time() - started:.1f}s; wrote:")
+    for path in written:
+        accelerator.print(f"  {path}")
+    return 0
+
+
+def ensure_features(items, settings, accelerator) -> str:
+    """Compute missing PFG vector caches with --tagger_model; returns the encoder id in use."""
+    from library.features import read_encoder_id
+
+    missing = [item for item in items if not item.feature_path.is_file()]
+    if missing and settings.tagger_model:
+        from prepare_features import extract_features
+        from library.encoders import load_encoder
+
+        encoder = load_encoder(settings.tagger_model, device="cuda" if accelerator.device.type == "cuda" else "cpu")
+        jobs = [(item.image_path, item.feature_path) for item in missing]
+        summary = extract_features(encoder, jobs, batch_size=32)
+        if summary.failed:
+            raise UserError(f"{summary.failed} images could not be encoded (listed above)")
+    return read_encoder_id(items[0].feature_path) if items[0].feature_path.is_file() else "unknown"
+
+
+def run_summary(settings, items, dataset_config, total_steps: int, model) -> dict:
+    """The `ss_*` metadata written into every output."""
+    from library.dataset import bucket_counts
+
+    return {
+        "ss_output_name": settings.output_name,
+        "ss_training_started_at": int(time.time()),
+        "ss_sd_model_name": Path(settings.pretrained_model_name_or_path).name,
+        "ss_base_model_version": model.variant,
+        "ss_v2": model.variant == "sd2",
+        "ss_v_parameterization": model.v_prediction,
+        "ss_train_unet": settings.train_unet,
+        "ss_learning_rate": settings.learning_rate,
+        "ss_pfg_learning_rate": settings.pfg_learning_rate,
+        "ss_lr_scheduler": settings.lr_scheduler,
+        "ss_lr_warmup_steps": settings.lr_warmup_steps,
+        "ss_optimizer": settings.optimizer_type,
+        "ss_max_train_steps": total_steps,
+        "ss_gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "ss_mixed_precision": settings.mixed_precision,
+        "ss_full_bf16": settings.full_bf16,
+        "ss_seed": settings.seed,
+        "ss_clip_skip": settings.clip_skip,
+        "ss_max_token_length": settings.max_token_length,
+        "ss_noise_offset": settings.noise_offset,
+        "ss_min_snr_gamma": settings.min_snr_gamma,
+        "ss_pfg_num_tokens": settings.pfg_num_tokens,
+        "ss_pfg_hidden_dim": settings.pfg_hidden_dim,
+        "ss_pfg_dropout": settings.pfg_dropout,
+        "ss_pfg_prompt": settings.pfg_prompt,
+        "ss_num_train_images": len(items),
+        "ss_dataset_dirs": {str(s.image_dir): {"n_repeats": s.num_repeats} for _, s in dataset_config.iter_subsets()},
+        "ss_bucket_info": {f"{w}x{h}": n for (w, h), n in sorted(bucket_counts(items).items())},
+    }
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))
