@@ -95,6 +95,8 @@ def make_scheduler(sampler: str, scheduler_config: dict):
 
     class_name, extra = SAMPLERS[sampler]
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    # Latents are not bounded to [-1, 1]: DDIM/DDPM's default x0 clipping would distort them.
+    config["clip_sample"] = False
     return getattr(diffusers, class_name).from_config({**config, **extra})
 
 

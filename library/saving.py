@@ -62,11 +62,13 @@ class OutputWriter:
         return written
 
     def _save_unet(self, unet: torch.nn.Module, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
-        from diffusers import DDPMScheduler
+        import diffusers
 
         from library.checkpoints import save_diffusers, save_single_file
 
-        scheduler = DDPMScheduler.from_config(self.model.scheduler_config)  # carries the prediction type
+        # The model's own scheduler class and config (it carries the prediction type).
+        config = self.model.scheduler_config
+        scheduler = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler).from_config(config)
         if self.save_model_as == "diffusers":
             return save_diffusers(self.output_dir / name, unet, self.model.vae, self.model.text_encoder,
                                   self.model.tokenizer, scheduler, dtype)
