@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"skipped {failure.path}: {failure.reason}")
     if not items:
         raise UserError(f"{dataset_config.source}: no usable images found")
-    encoder_id = ensure_features(items, settings, accelerator)
-    features = load_features(items)
+    ensure_features(items, settings, accelerator)
+    features, encoder_id = load_features(items)
     accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})")
     accelerator.print(format_bucket_table(bucket_counts(items)))
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = PFGDataset(items, features, latents)
 
     # 4. Optimizer, schedule, and accelerate's wrapping of what trains.
-    trained = [adapter] + ([model.unet] if settings.train_unet == "full" else [])
+    trained = [adapter] + ([model.unet] if settings.train_unet != "none" else [])  # full or lora
     optimizer = build_optimizer(settings.optimizer_type, parameter_groups(settings, adapter, model.unet), settings.optimizer_args)
     trainer = PFGTrainer(model, adapter, prompt_encoder, StepOptions(settings.noise_offset, settings.min_snr_gamma, settings.pfg_dropout, settings.uncond))
     batch_sizes = [d.batch_size for d in dataset_config.datasets]
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps, num_training_steps=total_steps)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     trainer.adapter = prepared[0]
-    if settings.train_unet == "full":
+    if settings.train_unet != "none":
         model.unet = prepared[1]
     loop.trained_modules = list(prepared[: len(trained)])
     loop.optimizer, loop.lr_scheduler = prepared[-2], prepared[-1]
@@ -117,21 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ensure_features(items, settings, accelerator) -> str:
-    """Compute missing PFG vector caches with --tagger_model; returns the encoder id in use."""
-    from library.features import read_encoder_id
+def ensure_features(items, settings, accelerator) -> None:
+    """With --tagger_model, compute missing vector caches through prepare_features.py itself
+    (each process takes its share, as when it runs alone)."""
+    if not settings.tagger_model or all(item.feature_path.is_file() for item in items):
+        return
+    import prepare_features
 
-    missing = [item for item in items if not item.feature_path.is_file()]
-    if missing and settings.tagger_model:
-        from prepare_features import extract_features
-        from library.encoders import load_encoder
-
-        encoder = load_encoder(settings.tagger_model, device="cuda" if accelerator.device.type == "cuda" else "cpu")
-        jobs = [(item.image_path, item.feature_path) for item in missing]
-        summary = extract_features(encoder, jobs, batch_size=32)
-        if summary.failed:
-            raise UserError(f"{summary.failed} images could not be encoded (listed above)")
-    return read_encoder_id(items[0].feature_path) if items[0].feature_path.is_file() else "unknown"
+    source = ["--dataset_config", settings.dataset_config] if settings.dataset_config else ["--train_data_dir", settings.train_data_dir]
+    status = prepare_features.main([*source, "--tagger_model", settings.tagger_model])
+    accelerator.wait_for_everyone()
+    if status:
+        raise UserError("some images could not be encoded (listed above); fix or remove them, then train again")
 
 
 def run_summary(settings, items, dataset_config, total_steps: int, model) -> dict:

@@ -20,7 +20,7 @@ from library.buckets import BucketAssignment, BucketManager, make_bucket_batches
 from library.captions import process_caption, resolve_caption
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
-from library.features import feature_cache_path, read_feature
+from library.features import feature_cache_path, read_encoder_id, read_feature
 from library.images import ImageLoadError, list_images
 from library.latents import bucket_pixels, latent_cache_path
 
@@ -76,17 +76,21 @@ def collect_items(config: DatasetConfig, pfg_prompt: str) -> tuple[list[TrainIte
     return items, failures
 
 
-def load_features(items: list[TrainItem]) -> torch.Tensor:
-    """All PFG vectors, (num_items, D). Missing or inconsistent caches are one clear error."""
+def load_features(items: list[TrainItem]) -> tuple[torch.Tensor, str]:
+    """All PFG vectors (num_items, D) and the id of the encoder that made them. Missing caches,
+    caches from different encoders and non-finite vectors are one clear error."""
     missing = [str(item.feature_path) for item in items if not item.feature_path.is_file()]
     if missing:
         shown = "\n  ".join(missing[:5]) + (f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"{len(missing)} feature caches are missing; run prepare_features.py (or pass --tagger_model):\n  {shown}")
     vectors = [read_feature(item.feature_path) for item in items]
-    dims = Counter(v.shape[0] for v in vectors)
-    if len(dims) > 1:
-        raise UserError(f"feature caches have different widths {dict(dims)}: they come from different encoders; rerun prepare_features.py")
-    return torch.from_numpy(np.stack(vectors))
+    encoders = Counter(read_encoder_id(item.feature_path) for item in items)
+    if len(encoders) > 1:
+        raise UserError(f"feature caches come from different encoders {dict(encoders)}; rerun prepare_features.py with one --tagger_model")
+    for item, vector in zip(items, vectors):
+        if not np.isfinite(vector).all():
+            raise UserError(f"feature cache {item.feature_path} holds NaN/inf values; delete it and rerun prepare_features.py")
+    return torch.from_numpy(np.stack(vectors)), next(iter(encoders))
 
 
 def bucket_counts(items: list[TrainItem]) -> Counter:

@@ -145,8 +145,11 @@ class TrainLoop:
             module.train()
         while progress.global_step < total:
             batches = self.batches_for_epoch(progress.epoch)[progress.batch_in_epoch :]
+            # Its own generator: creating an iterator must not draw from the global RNG, or the
+            # noise after a --resume would differ from an uninterrupted run.
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.options.dataloader_workers
+                self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.options.dataloader_workers,
+                generator=torch.Generator().manual_seed(self.options.seed + progress.epoch),
             )
             for batch in loader:
                 with self.accelerator.accumulate(*self.trained_modules):

@@ -48,3 +48,20 @@ def demo_dataset(kit_dir) -> Path:
     from tools.make_demo_dataset import build_demo_dataset
 
     return build_demo_dataset(kit_dir / "demo-data", seed=0)
+
+
+@pytest.fixture(scope="session")
+def prepared_dataset(kit_dir, demo_dataset, tiny_tagger) -> Path:
+    """The demo images with their `_pfg.npz` vectors (made by prepare_features.py), and a
+    dataset TOML for them: returns the TOML path. Tests must not modify these files."""
+    import prepare_features
+
+    image_dir = demo_dataset / "images"
+    toml_path = kit_dir / "prepared_dataset.toml"
+    toml_path.write_text(
+        "[general]\nresolution = 64\nbatch_size = 2\nenable_bucket = true\nmin_bucket_reso = 32\n"
+        "max_bucket_reso = 128\nbucket_reso_steps = 32\ncaption_extension = \".txt\"\n\n"
+        f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"{image_dir.as_posix()}\"\nnum_repeats = 1\n"
+    )
+    assert prepare_features.main(["--dataset_config", str(toml_path), "--tagger_model", str(tiny_tagger)]) in (0, None)
+    return toml_path

@@ -1,0 +1,195 @@
+"""train_pfg.py through its entry points, on the tiny models and the prepared demo dataset."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_pfg
+from library.errors import UserError
+from library.pfg import PFGAdapter, PFGShape, load_pfg, pfg_metadata, save_pfg
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (with its own precision)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _train(model: Path, dataset: Path, out: Path, *extra: str) -> None:
+    args = [
+        "--pretrained_model_name_or_path", str(model), "--dataset_config", str(dataset),
+        "--output_dir", str(out), "--output_name", "t", "--seed", "1",
+        "--learning_rate", "1e-3", "--pfg_learning_rate", "1e-2", *extra,
+    ]
+    assert train_pfg.main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def initial_pfg(tmp_path_factory) -> Path:
+    """A fixed starting point (via --resume_pfg) so tests can tell what training changed."""
+    torch.manual_seed(0)
+    adapter = PFGAdapter(PFGShape(4, 768, 32))
+    path = tmp_path_factory.mktemp("init") / "init-pfg.safetensors"
+    save_pfg(adapter, path, pfg_metadata(adapter.shape, "init"))
+    return path
+
+
+def _unet_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(path)).items() if k.startswith("model.diffusion_model.")}
+
+
+def test_full_mode_changes_pfg_and_unet(tiny_sd1, prepared_dataset, initial_pfg, tmp_path):
+    from library.checkpoints import save_single_file
+    from library.models import load_sd_model
+
+    _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "3",
+           "--resume_pfg", str(initial_pfg), "--pfg_num_tokens", "4")
+    trained, meta = load_pfg(tmp_path / "t-pfg.safetensors")
+    start, _ = load_pfg(initial_pfg)
+    weight = trained.pfg_linear.weight
+    assert weight.shape == (4 * 32, 768)  # (N*C, D)
+    assert not torch.equal(weight, start.pfg_linear.weight)
+    assert meta["pfg.num_tokens"] == "4" and meta["pfg.encoder"].startswith("model.onnx:")
+    assert meta["ss_train_unet"] == "full" and "sshs_model_hash" in meta
+
+    base = load_sd_model(str(tiny_sd1))
+    save_single_file(tmp_path / "base.safetensors", base.unet, base.vae, base.text_encoder, "sd1")
+    before, after = _unet_tensors(tmp_path / "base.safetensors"), _unet_tensors(tmp_path / "t.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    reloaded = load_sd_model(str(tmp_path / "t.safetensors"))  # the saved checkpoint loads back
+    assert reloaded.cross_attention_dim == 32
+    assert (tmp_path / "t-settings.toml").is_file()
+
+
+def test_loss_drops_on_a_repeated_batch(tiny_sd1, prepared_dataset):
+    """The training step itself learns: a few optimizer steps on one batch lower its loss."""
+    from library.dataset import PFGDataset, collate, collect_items, load_features
+    from library.dataset_config import load_dataset_config
+    from library.models import load_sd_model
+    from library.text import PromptEncoder
+    from library.trainer import PFGTrainer, StepOptions
+
+    torch.manual_seed(0)
+    items, _ = collect_items(load_dataset_config(prepared_dataset), "illustration of *")
+    features, _ = load_features(items)
+    same_bucket = [i for i, item in enumerate(items) if item.assignment.bucket == items[0].assignment.bucket][:2]
+    batch = collate([PFGDataset(items, features)[(i, 0)] for i in same_bucket])
+    model = load_sd_model(str(tiny_sd1))
+    model.vae.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)
+    adapter = PFGAdapter(PFGShape(4, features.shape[1], 32))
+    trainer = PFGTrainer(model, adapter, PromptEncoder(model.tokenizer, model.text_encoder), StepOptions())
+    batch["latents"] = trainer.encode_latents(batch.pop("pixels"))
+    noise = torch.randn_like(batch["latents"])
+    timesteps = torch.tensor([300, 700])
+    optimizer = torch.optim.AdamW(list(adapter.parameters()) + list(model.unet.parameters()), lr=1e-3)
+    first = trainer.loss(batch, timesteps, noise).item()
+    for _ in range(8):
+        loss = trainer.loss(batch, timesteps, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert trainer.loss(batch, timesteps, noise).item() < 0.9 * first
+
+
+def test_pfg_only_mode_on_sd2_keeps_the_unet(tiny_sd2, prepared_dataset, tmp_path):
+    _train(tiny_sd2, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "2",
+           "--pfg_num_tokens", "2", "--mixed_precision", "bf16", "--clip_skip", "2", "--max_token_length", "225")
+    outputs = sorted(p.name for p in tmp_path.iterdir())
+    assert outputs == ["t-pfg.safetensors", "t-settings.toml"]  # no UNet written in this mode
+    adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
+    assert adapter.shape.cross_attention_dim == 64  # SD2's width, read from the UNet
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_v2"] == "True"
+    assert meta["ss_max_token_length"] == "225" and meta["ss_mixed_precision"] == "bf16"
+
+
+def test_resume_continues_exactly(tiny_sd1, prepared_dataset, tmp_path):
+    common = ["--train_unet", "full", "--pfg_num_tokens", "2", "--max_train_steps", "4", "--save_state"]
+    _train(tiny_sd1, prepared_dataset, tmp_path / "straight", *common)
+    _train(tiny_sd1, prepared_dataset, tmp_path / "half", *common[:-2], "2", "--save_state")
+    _train(tiny_sd1, prepared_dataset, tmp_path / "resumed", *common, "--resume", str(tmp_path / "half" / "t-state"))
+    straight = load_file(str(tmp_path / "straight" / "t-pfg.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "t-pfg.safetensors"))
+    half = load_file(str(tmp_path / "half" / "t-pfg.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not all(torch.equal(straight[k], half[k]) for k in straight)
+    unet_a, unet_b = _unet_tensors(tmp_path / "straight" / "t.safetensors"), _unet_tensors(tmp_path / "resumed" / "t.safetensors")
+    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+
+
+def test_intermediate_saves_rotate(tiny_sd1, prepared_dataset, tmp_path):
+    _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "6",
+           "--pfg_num_tokens", "2", "--save_every_n_steps", "2", "--save_last_n", "1", "--save_pfg_pt")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["t-pfg.pt", "t-pfg.safetensors", "t-settings.toml", "t-step00000004-pfg.pt", "t-step00000004-pfg.safetensors"]
+
+
+def test_config_file_supplies_flags_and_unknown_keys_suggest(tiny_sd1, prepared_dataset, tmp_path):
+    good = tmp_path / "train.toml"
+    good.write_text(
+        f'[model]\npretrained_model_name_or_path = "{tiny_sd1.as_posix()}"\ndataset_config = "{prepared_dataset.as_posix()}"\n'
+        f'output_dir = "{(tmp_path / "out").as_posix()}"\n[training]\ntrain_unet = "none"\nmax_train_steps = 1\npfg_num_tokens = 1\n'
+    )
+    assert train_pfg.main(["--config_file", str(good), "--output_name", "cli"]) == 0
+    assert (tmp_path / "out" / "cli-pfg.safetensors").is_file()  # the command line wins over the file
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rat = 1e-4\n")
+    with pytest.raises(UserError, match=r"bad\.toml: unknown key 'learning_rat' \(did you mean 'learning_rate'\?\)"):
+        train_pfg.main(["--config_file", str(bad)])
+    wrong_type = tmp_path / "type.toml"
+    wrong_type.write_text('max_train_steps = "many"\n')
+    with pytest.raises(UserError, match="max_train_steps' must be int"):
+        train_pfg.main(["--config_file", str(wrong_type)])
+
+
+def test_dataset_errors_come_before_any_model_loads(tmp_path):
+    toml = tmp_path / "data.toml"
+    toml.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "nowhere"\nnum_repeat = 2\n')
+    # the model path does not exist either: the dataset problem must be reported first
+    with pytest.raises(UserError) as info:
+        train_pfg.main(["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--dataset_config", str(toml)])
+    assert "data.toml" in str(info.value) and "num_repeat" in str(info.value)
+
+
+def test_divergence_stops_with_a_message(tiny_sd1, prepared_dataset, tmp_path):
+    with pytest.raises(UserError, match="loss became"):
+        _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "5",
+               "--optimizer_type", "torch.optim.SGD", "--learning_rate", "1e30", "--max_grad_norm", "0")
+    assert not (tmp_path / "t-pfg.safetensors").exists()  # nothing half-trained is written as final
+
+
+def test_accelerate_launch_entry_point(tiny_sd1, prepared_dataset, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "train_pfg.py",
+        "--pretrained_model_name_or_path", str(tiny_sd1), "--dataset_config", str(prepared_dataset),
+        "--output_dir", str(tmp_path), "--output_name", "launched", "--train_unet", "none",
+        "--max_train_steps", "1", "--pfg_num_tokens", "1",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "launched-pfg.safetensors").is_file()
+
+
+def test_bad_flags_print_one_line_not_a_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train_pfg.py", "--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path / "none")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "error:" in result.stderr and "none" in result.stderr
