@@ -8,6 +8,7 @@ models -> adapter -> optimizer -> loop -> outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset_config = load_dataset_config(settings.dataset_config, defaults)
     else:
         dataset_config = config_from_train_data_dir(settings.train_data_dir, defaults)
+    sample_requests = read_samples(settings, dataset_config)
 
     import torch
     from accelerate import Accelerator
@@ -45,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     from library.text import PromptEncoder
     from library.train_loop import LoopOptions, TrainLoop
     from library.train_setup import build_adapter, check_output_dir, parameter_groups, prepare_sd_model
+    from library.encoders import load_encoder
+    from library.sampling import PFGSampler
+    from library.train_samples import TrainingSamples
     from library.trainer import PFGTrainer, StepOptions
 
     output_dir = check_output_dir(settings)
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        log_with=trackers(settings),
+        project_dir=settings.logging_dir or None,
     )
     set_seed(settings.seed)
 
@@ -90,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         output_dir, settings.output_name, model, settings.train_unet, settings.save_model_as, settings.save_precision,
         settings.save_pfg_pt, settings.save_last_n, {}, encoder_id, dataset_config.datasets[0].resolution,
     )
-    loop = TrainLoop(accelerator, trainer, dataset, items, batch_sizes, optimizer, None, trained, writer, options)
+    samples = None
+    if sample_requests:
+        encoder = load_encoder(settings.tagger_model, device=accelerator.device.type) if settings.tagger_model else None
+
+        def current_sampler() -> PFGSampler:  # the weights as they are now, unwrapped from DDP
+            current = dataclasses.replace(model, unet=accelerator.unwrap_model(model.unet))
+            return PFGSampler(current, accelerator.unwrap_model(trainer.adapter), encoder, prompt_encoder, settings.uncond, accelerator.device)
+
+        samples = TrainingSamples(sample_requests, settings.sample_every_n_steps, settings.sample_every_n_epochs,
+                                  output_dir, settings.output_name, accelerator, current_sampler)
+    loop = TrainLoop(accelerator, trainer, dataset, items, batch_sizes, optimizer, None, trained, writer, options, samples)
     total_steps = loop.total_steps()
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps, num_training_steps=total_steps)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -102,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings.resume:
         loop.load_state(Path(settings.resume))
 
-    writer.base_metadata = training_metadata(run_summary(settings, items, dataset_config, total_steps, model))
+    summary = run_summary(settings, items, dataset_config, total_steps, model)
+    writer.base_metadata = training_metadata(summary)
+    if accelerator.log_with:
+        accelerator.init_trackers(settings.output_name, config={k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
     if accelerator.is_main_process:
         (output_dir / f"{settings.output_name}-settings.toml").write_text(settings_to_toml(settings))
     accelerator.print(f"training {settings.train_unet!r}: {total_steps} steps, {len(items)} images, "
@@ -129,6 +149,31 @@ def ensure_features(items, settings, accelerator) -> None:
     accelerator.wait_for_everyone()
     if status:
         raise UserError("some images could not be encoded (listed above); fix or remove them, then train again")
+
+
+def read_samples(settings, dataset_config) -> list:
+    """The --sample_prompts requests, checked before any model loads."""
+    if not settings.sample_prompts:
+        return []
+    from library.train_samples import read_sample_requests
+
+    requests = read_sample_requests(settings.sample_prompts, dataset_config.datasets[0].resolution, settings.sample_sampler)
+    needs_encoder = any(not g.path.endswith(".npz") for r in requests for g in r.guides)
+    if needs_encoder and not settings.tagger_model:
+        raise UserError(f"{settings.sample_prompts} uses guide images (--i): pass --tagger_model to encode them")
+    return requests
+
+
+def trackers(settings) -> list[str] | None:
+    """tensorboard when --logging_dir is given (or --log_with names it), wandb on request."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    wanted = {"": ["tensorboard"] if settings.logging_dir else [], "all": ["tensorboard", "wandb"]}.get(settings.log_with, [settings.log_with])
+    if "tensorboard" in wanted and not is_tensorboard_available():
+        raise UserError("tensorboard logging needs tensorboardX or tensorboard: pip install tensorboardX")
+    if "wandb" in wanted and not is_wandb_available():
+        raise UserError("--log_with wandb needs the wandb package: pip install wandb (then wandb login)")
+    return wanted or None
 
 
 def run_summary(settings, items, dataset_config, total_steps: int, model) -> dict:

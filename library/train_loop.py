@@ -6,7 +6,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -56,7 +55,7 @@ class TrainLoop:
         trained_modules: list[torch.nn.Module],
         writer: OutputWriter,
         options: LoopOptions,
-        on_step: Callable[[int], None] | None = None,
+        samples=None,
     ):
         self.accelerator = accelerator
         self.trainer = trainer
@@ -68,7 +67,7 @@ class TrainLoop:
         self.trained_modules = trained_modules
         self.writer = writer
         self.options = options
-        self.on_step = on_step  # e.g. sample images every N steps
+        self.samples = samples  # TrainingSamples: images every N steps/epochs
         self.progress = Progress()
 
     # -- sizes ------------------------------------------------------------------------------
@@ -170,8 +169,8 @@ class TrainLoop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}")
                 self.accelerator.log({"loss": loss.item(), "loss_avg": loss_sum / loss_count, "lr": lr}, step=progress.global_step)
-                if self.on_step is not None:
-                    self.on_step(progress.global_step)
+                if self.samples is not None:
+                    self.samples.after_step(progress.global_step)
                 every = self.options.save_every_n_steps
                 if every and progress.global_step % every == 0 and progress.global_step < total:
                     self._save_point(step_tag(progress.global_step))
@@ -180,8 +179,12 @@ class TrainLoop:
             else:  # the epoch ran to its end
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
+                if self.samples is not None:
+                    self.samples.after_epoch(progress.epoch, progress.global_step)
                 every = self.options.save_every_n_epochs
                 if every and progress.epoch % every == 0 and progress.global_step < total:
                     self._save_point(epoch_tag(progress.epoch))
         bar.close()
-        return self._save_point(None)
+        written = self._save_point(None)
+        self.accelerator.end_training()  # flush and close the trackers
+        return written

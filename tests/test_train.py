@@ -193,3 +193,29 @@ def test_bad_flags_print_one_line_not_a_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "error:" in result.stderr and "none" in result.stderr
+
+
+def test_samples_and_tensorboard_during_training(tiny_sd1, prepared_dataset, tiny_tagger, demo_dataset, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    guide = demo_dataset / "images" / "ruby_00.png"
+    prompts.write_text(f"# comment\nillustration of * --i {guide}:1.0 --w 64 --h 64 --s 2 --d 7\nillustration of * --s 2 --d 8 --w 32 --h 64\n")
+    torch.manual_seed(123)
+    _train(tiny_sd1, prepared_dataset, tmp_path / "with", "--train_unet", "none", "--max_train_steps", "2", "--pfg_num_tokens", "2",
+           "--sample_prompts", str(prompts), "--sample_every_n_steps", "1", "--tagger_model", str(tiny_tagger),
+           "--logging_dir", str(tmp_path / "logs"))
+    samples = sorted(p.name for p in (tmp_path / "with" / "sample").iterdir())
+    assert samples == ["t_000001_00_7.png", "t_000001_01_8.png", "t_000002_00_7.png", "t_000002_01_8.png"]
+    assert any((tmp_path / "logs").rglob("events.out.tfevents*"))
+    # sampling restores the random state: the trained weights equal a run without samples
+    _train(tiny_sd1, prepared_dataset, tmp_path / "without", "--train_unet", "none", "--max_train_steps", "2", "--pfg_num_tokens", "2")
+    a = load_file(str(tmp_path / "with" / "t-pfg.safetensors"))
+    b = load_file(str(tmp_path / "without" / "t-pfg.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_prompt_errors_come_first(tmp_path, prepared_dataset):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("illustration of * --w 65\n")
+    with pytest.raises(UserError, match=r"p\.txt:1: .*multiples of 8"):
+        train_pfg.main(["--pretrained_model_name_or_path", "missing", "--dataset_config", str(prepared_dataset),
+                        "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"])
