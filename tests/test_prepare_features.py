@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from PIL import Image
 
 import prepare_features
@@ -177,3 +178,64 @@ def test_kohya_repeat_folders_and_pinned_encoder(tiny_tagger, tmp_path, capsys):
                       "encoder = 'other.onnx:000000000000'\n")
     with pytest.raises(UserError, match="other.onnx:000000000000"):
         prepare_features.main(["--dataset_config", str(config), "--tagger_model", str(tiny_tagger)])
+
+
+def test_cache_latents_are_the_trainers_caches(tiny_tagger, tiny_sd1, tmp_path, capsys, monkeypatch):
+    """prepare_features --cache_latents writes exactly what train_pfg.py --cache_latents_to_disk looks
+    for: the trainer's own job list (built as train_pfg.py builds it) is served from disk, and a changed
+    image, VAE or bucket is recomputed."""
+    import library.latents as latents
+    from library.dataset import collect_items
+    from library.dataset_config import DatasetDefaults, load_dataset_config
+    from library.models import load_sd_model
+    from library.train_settings import TrainSettings
+
+    images = []
+    for i, (w, h) in enumerate([(128, 40), (40, 128), (80, 80)]):
+        path = tmp_path / "data" / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        images.append(path)
+    config = tmp_path / "dataset.toml"
+    config.write_text(
+        "[general]\nenable_bucket = true\nmin_bucket_reso = 32\nmax_bucket_reso = 128\nbucket_reso_steps = 32\n\n"
+        "[[datasets]]\nresolution = 64\n\n"
+        f"  [[datasets.subsets]]\n  image_dir = '{(tmp_path / 'data').as_posix()}'\n  flip_aug = true\n"
+        f"  cache_dir = '{(tmp_path / 'cache').as_posix()}'\n"
+    )
+    code, out = _run(capsys, "--dataset_config", config, "--tagger_model", tiny_tagger, "--cache_latents",
+                     "--pretrained_model_name_or_path", tiny_sd1)
+    assert code == 0, out
+    assert "latents: 3 images have valid caches, 0 failed" in out
+
+    settings = TrainSettings(pretrained_model_name_or_path=str(tiny_sd1), dataset_config=str(config))
+    items, _ = collect_items(load_dataset_config(config, DatasetDefaults.from_settings(settings)), settings.pfg_prompt)
+    assert len({item.assignment.bucket for item in items}) == 3  # three aspect ratios, three buckets
+    jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]  # as train_pfg.py
+    vae = load_sd_model(str(tiny_sd1)).vae
+    encoded: list[int] = []
+    real_encode = latents.encode_pixels
+    monkeypatch.setattr(latents, "encode_pixels", lambda v, px: encoded.append(len(px)) or real_encode(v, px))
+
+    cached = latents.cache_latents(jobs, vae, to_disk=True, progress=False)
+    assert encoded == [] and len(cached) == 3
+    for index, item in enumerate(items):
+        assert item.latent_path.parent == tmp_path / "cache"
+        lat, flipped = cached[index]
+        assert flipped is not None and lat.shape[1:] == (item.assignment.bucket[1] // 8, item.assignment.bucket[0] // 8)
+
+    Image.fromarray(np.zeros((40, 128, 3), np.uint8)).save(images[0])  # edited image: only that one
+    os.utime(images[0], ns=(0, images[0].stat().st_mtime_ns + 10**9))
+    latents.cache_latents(jobs, vae, to_disk=True, progress=False)
+    assert encoded == [1, 1]  # its latents and its flipped latents
+
+    encoded.clear()
+    with torch.no_grad():
+        next(vae.parameters()).add_(0.01)  # another VAE: everything
+    latents.cache_latents(jobs, vae, to_disk=True, progress=False)
+    assert sum(encoded) == 6
+
+    other = items[2].assignment.__class__((64, 96), (64, 96), (0, 0, 64, 96))  # another bucket for the same image
+    vid = latents.vae_id(vae)
+    assert latents.load_valid_latents(items[2].latent_path, items[2].assignment, images[2], vid, True) is not None
+    assert latents.load_valid_latents(items[2].latent_path, other, images[2], vid, True) is None
