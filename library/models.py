@@ -119,30 +119,36 @@ def set_attention_backend(unet: torch.nn.Module, backend: str) -> None:
 
 
 def apply_lora_files(model: SDModel, files: list[str], multipliers: list[float]) -> None:
-    """Load kohya-format (or diffusers/peft) LoRA files onto the UNet and text encoder.
+    """Load LoRA files onto the UNet and text encoder, mixed with their multipliers.
 
-    diffusers' `load_lora_weights` already converts kohya's `lora_unet_*`/`lora_te_*` keys and
-    honours `alpha`; several files become peft adapters mixed with their multipliers.
+    kohya-format files (`lora_unet_*`/`lora_te_*`, ours or made elsewhere) go through
+    `library.lora`, which keeps every layer's alpha and checks the file against the model;
+    diffusers/peft-format files go through diffusers' `load_lora_weights`.
     """
     if not files:
         return
+    from library.lora import is_kohya_file, load_kohya_lora, set_multipliers
+
+    names = [f"lora{index}" for index in range(len(files))]
+    for name, file in zip(names, files):
+        if is_kohya_file(file):
+            load_kohya_lora(file, model.unet, model.text_encoder, name)
+        else:
+            _load_diffusers_lora(model, file, name)
+    set_multipliers([model.unet, model.text_encoder], dict(zip(names, multipliers or [1.0] * len(names))))
+
+
+def _load_diffusers_lora(model: SDModel, file: str, name: str) -> None:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
         scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    names = []
-    for index, file in enumerate(files):
-        if not Path(file).is_file():
-            raise UserError(f"LoRA file not found: {file}")
-        name = f"lora{index}"
-        try:
-            pipe.load_lora_weights(file, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise UserError(f"{file}: cannot load as a LoRA for this model ({type(e).__name__}: {e})") from None
-        names.append(name)
-    pipe.set_adapters(names, adapter_weights=multipliers or [1.0] * len(names))
+    try:
+        pipe.load_lora_weights(file, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise UserError(f"{file}: cannot load as a LoRA for this model ({type(e).__name__}: {e})") from None
 
 
 def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:

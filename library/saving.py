@@ -1,5 +1,5 @@
-"""What a training run writes: the PFG file, the UNet (full mode), the training state, and the
-rotation of intermediate saves. Names follow kohya: `NAME-step00000500-pfg.safetensors`,
+"""What a training run writes: the PFG file, the UNet (full mode) or its LoRA (lora mode), the
+training state, and the rotation of intermediate saves. Names follow kohya: `NAME-step00000500-pfg.safetensors`,
 `NAME-000002-pfg.safetensors` (epoch 2), `NAME-pfg.safetensors` (the end)."""
 from __future__ import annotations
 
@@ -59,7 +59,16 @@ class OutputWriter:
         written = save_pfg(adapter, pfg_path, meta, dtype=dtype, save_pt=self.save_pfg_pt)
         if self.train_unet == "full":
             written.append(self._save_unet(unet, name, dtype, self._metadata("", adapter, extra)))
+        elif self.train_unet == "lora":
+            written.append(self._save_lora(unet, name, dtype, extra))
         return written
+
+    def _save_lora(self, unet: torch.nn.Module, name: str, dtype: torch.dtype, extra: dict[str, str]) -> Path:
+        """NAME-lora.safetensors in kohya's layout: it loads alone in A1111, ComfyUI and diffusers."""
+        from library.lora import save_lora
+
+        spec = modelspec(self.model.variant, self.model.v_prediction, "lora", self.output_name, self.resolution)
+        return save_lora(self.output_dir / f"{name}-lora.safetensors", unet, dtype, {**self.base_metadata, **extra, **spec})
 
     def _save_unet(self, unet: torch.nn.Module, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
         import diffusers

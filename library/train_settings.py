@@ -20,7 +20,12 @@ class TrainSettings:
     resolution: str = setting("512", "training resolution, 'W' or 'W,H' (dataset TOML values win)")
     train_batch_size: int = setting(1, "batch size when the dataset TOML does not set one")
     # what is trained
-    train_unet: str = setting("full", "none: PFG head only; full: PFG head + whole UNet", choices=("none", "full"))
+    train_unet: str = setting("full", "none: PFG head only; full: PFG head + whole UNet; lora: PFG head + a LoRA on the UNet", choices=("none", "full", "lora"))
+    network_dim: int = setting(16, "LoRA rank of the attention/feed-forward layers (--train_unet lora)")
+    network_alpha: float = setting(8.0, "LoRA alpha: the update is scaled by alpha / rank")
+    network_conv_dim: int = setting(0, "LoRA rank of the 3x3 convs in ResNet/down/upsample blocks (0 = no conv LoRA)")
+    network_conv_alpha: float = setting(1.0, "LoRA alpha of the 3x3 convs")
+    network_weights: str = setting("", "continue training this kohya LoRA file (its own ranks and alphas are kept)")
     pfg_num_tokens: int = setting(10, "number of PFG tokens N appended to the text states")
     pfg_hidden_dim: int = setting(0, "0: the original single Linear; >0: Linear -> GELU -> Linear with this width")
     pfg_dropout: float = setting(0.0, "probability of replacing a sample's PFG tokens by the unconditional padding")
@@ -33,7 +38,7 @@ class TrainSettings:
     # optimisation
     optimizer_type: str = setting("AdamW8bit", "AdamW8bit, AdamW, Lion, Lion8bit, Prodigy, Adafactor or a dotted class path")
     optimizer_args: list[str] = setting([], "extra optimizer arguments, key=value")
-    learning_rate: float = setting(1e-5, "learning rate of the UNet")
+    learning_rate: float = setting(1e-5, "learning rate of the UNet (full) or of the LoRA (lora)")
     pfg_learning_rate: float = setting(1e-4, "learning rate of the PFG head")
     lr_scheduler: str = setting("constant", "diffusers LR scheduler: constant, constant_with_warmup, linear, cosine, ...")
     lr_warmup_steps: int = setting(0, "warmup steps of the LR scheduler")
@@ -99,6 +104,12 @@ class TrainSettings:
             raise UserError("--max_train_steps (or --max_train_epochs) must be at least 1")
         if self.gradient_accumulation_steps < 1:
             raise UserError("--gradient_accumulation_steps must be at least 1")
+        if self.network_dim < 1 or self.network_conv_dim < 0:
+            raise UserError(f"--network_dim must be at least 1 and --network_conv_dim at least 0, got {self.network_dim} and {self.network_conv_dim}")
+        if self.network_alpha <= 0 or self.network_conv_alpha <= 0:
+            raise UserError(f"--network_alpha and --network_conv_alpha must be positive, got {self.network_alpha} and {self.network_conv_alpha}")
+        if self.network_weights and self.train_unet != "lora":
+            raise UserError("--network_weights needs --train_unet lora")
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         self.resolution_wh  # noqa: B018 - validates the string

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from library.errors import UserError
+from library.lora import LoraShape, add_unet_lora
 from library.models import SDModel, move, set_attention_backend
 from library.pfg import PFGAdapter, PFGShape, check_compatible, load_pfg
 from library.train_settings import TrainSettings
@@ -16,7 +17,8 @@ PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 
 def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.device) -> None:
     """Freeze the VAE and text encoder (kept in the autocast dtype to save memory); the UNet
-    trains in fp32 (or bf16 with --full_bf16), or is frozen too with --train_unet none."""
+    trains in fp32 (or bf16 with --full_bf16), or is frozen too with --train_unet none. With
+    --train_unet lora the UNet is frozen in the autocast dtype and only its LoRA layers train."""
     frozen_dtype = PRECISION_DTYPES[settings.mixed_precision]
     for module in (model.vae, model.text_encoder):
         module.requires_grad_(False)
@@ -26,11 +28,17 @@ def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.devi
     model.unet.requires_grad_(train_unet)
     unet_dtype = torch.bfloat16 if settings.full_bf16 else (torch.float32 if train_unet else frozen_dtype)
     move(model.unet, device, unet_dtype)
+    if settings.train_unet == "lora":
+        add_unet_lora(model.unet, lora_shape(settings), torch.bfloat16 if settings.full_bf16 else torch.float32, settings.network_weights)
     set_attention_backend(model.unet, settings.attention)
     if settings.gradient_checkpointing:
         # Also useful with a frozen UNet: gradients still flow through it to the PFG tokens.
         model.unet.enable_gradient_checkpointing()
-    model.unet.train(train_unet or settings.gradient_checkpointing)
+    model.unet.train(settings.train_unet != "none" or settings.gradient_checkpointing)
+
+
+def lora_shape(settings: TrainSettings) -> LoraShape:
+    return LoraShape(settings.network_dim, settings.network_alpha, settings.network_conv_dim, settings.network_conv_alpha)
 
 
 def build_adapter(settings: TrainSettings, input_dim: int, cross_attention_dim: int, device: torch.device) -> PFGAdapter:
@@ -49,8 +57,8 @@ def build_adapter(settings: TrainSettings, input_dim: int, cross_attention_dim: 
 def parameter_groups(settings: TrainSettings, adapter: PFGAdapter, unet: torch.nn.Module) -> list[dict]:
     """Separate learning rates: the small PFG head learns faster than the UNet."""
     groups = [{"params": list(adapter.parameters()), "lr": settings.pfg_learning_rate, "name": "pfg"}]
-    if settings.train_unet == "full":
-        groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "lr": settings.learning_rate, "name": "unet"})
+    if settings.train_unet != "none":  # the whole UNet, or only its LoRA layers (the rest is frozen)
+        groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "lr": settings.learning_rate, "name": settings.train_unet})
     return groups
 
 
