@@ -69,7 +69,12 @@ class TrainSettings:
     save_state: bool = setting(False, "also save the accelerate training state (for --resume)")
     resume: str = setting("", "a NAME-state folder to continue from")
     logging_dir: str = setting("", "tensorboard log folder")
-    log_with: str = setting("", "tensorboard or wandb (default: tensorboard when --logging_dir is set)")
+    log_with: str = setting("", "tensorboard or wandb (default: tensorboard when --logging_dir is set)", choices=("", "tensorboard", "wandb", "all"))
+    # sample images during training
+    sample_prompts: str = setting("", "prompt file (kohya line syntax, --i guide images) rendered during training")
+    sample_every_n_steps: int = setting(0, "render the sample prompts every N steps")
+    sample_every_n_epochs: int = setting(0, "render the sample prompts every N epochs")
+    sample_sampler: str = setting("euler_a", "sampler of the training samples (gen_pfg.py --sampler names)")
 
     @property
     def attention(self) -> str:
@@ -110,6 +115,10 @@ class TrainSettings:
             raise UserError(f"--network_alpha and --network_conv_alpha must be positive, got {self.network_alpha} and {self.network_conv_alpha}")
         if self.network_weights and self.train_unet != "lora":
             raise UserError("--network_weights needs --train_unet lora")
+        if self.sample_prompts and not (self.sample_every_n_steps or self.sample_every_n_epochs):
+            raise UserError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs")
+        if self.log_with in ("tensorboard", "all") and not self.logging_dir:
+            raise UserError(f"--log_with {self.log_with} needs --logging_dir")
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         self.resolution_wh  # noqa: B018 - validates the string
