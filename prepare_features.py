@@ -87,8 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lat.add_argument("--cache_latents", action="store_true", help="also write the VAE latent caches at each image's bucket resolution")
     lat.add_argument("--pretrained_model_name_or_path", default=None, help="the SD model whose VAE encodes the latents (diffusers folder, single file or hub id)")
     lat.add_argument("--resolution", default="512", help="training resolution 'W' or 'W,H' where the dataset TOML sets none (as train_pfg.py --resolution)")
-    lat.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"),
-                     help="VAE precision; use train_pfg.py's value so its caches are found valid")
     lat.add_argument("--vae_batch_size", type=int, default=8)
     args = p.parse_args(argv)
     for name in ("batch_size", "num_workers", "vae_batch_size"):
@@ -282,7 +280,7 @@ def cache_latent_files(args: argparse.Namespace, config: DatasetConfig, skip: se
     if not jobs:
         return 0, failed
     device = args.device or ("cuda:" + os.environ.get("LOCAL_RANK", "0") if torch.cuda.is_available() else "cpu")
-    vae = load_vae(args.pretrained_model_name_or_path, device, args.mixed_precision)
+    vae = load_vae(args.pretrained_model_name_or_path, device)
     chunk = 512  # bounded memory: cache_latents keeps its results until it returns
     start = 0
     while start < len(jobs):
@@ -298,12 +296,10 @@ def cache_latent_files(args: argparse.Namespace, config: DatasetConfig, skip: se
     return len(jobs), failed
 
 
-def load_vae(spec: str, device: str, mixed_precision: str):
-    """Only the VAE of a diffusers folder (fast); the whole model otherwise. In the dtype the
-    trainer keeps it in, since the VAE id (a weight hash) must match the trainer's."""
-    import torch
-
-    from library.models import load_sd_model, move
+def load_vae(spec: str, device: str):
+    """Only the VAE of a diffusers folder (fast); the whole model otherwise. In fp32, as the
+    trainer caches latents, since the VAE id (a weight hash) must match the trainer's."""
+    from library.models import load_sd_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "vae" / "config.json").is_file():
@@ -316,8 +312,7 @@ def load_vae(spec: str, device: str, mixed_precision: str):
     else:
         vae = load_sd_model(spec).vae
     vae.requires_grad_(False).eval()
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-    return move(vae, device, dtype)
+    return vae.to(device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Models.
     model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
+    latents = None
+    if settings.cache_latents or settings.cache_latents_to_disk:
+        # Before the VAE is cast to the training precision: caches are made (and validated) with
+        # the VAE's own fp32 weights, so prepare_features.py's caches match whatever precision.
+        jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
+        latents = cache_latents(jobs, model.vae.to(accelerator.device), to_disk=settings.cache_latents_to_disk,
+                                progress=accelerator.is_local_main_process)
     prepare_sd_model(model, settings, accelerator.device)
     adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device)
     prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, settings.max_token_length, settings.clip_skip)
-
-    latents = None
-    if settings.cache_latents or settings.cache_latents_to_disk:
-        jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
-        latents = cache_latents(jobs, model.vae, to_disk=settings.cache_latents_to_disk, progress=accelerator.is_local_main_process)
     dataset = PFGDataset(items, features, latents)
 
     # 4. Optimizer, schedule, and accelerate's wrapping of what trains.

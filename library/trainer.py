@@ -5,6 +5,7 @@ and v-prediction differ. Everything else (data, saving, the loop) lives elsewher
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,8 @@ from diffusers import DDPMScheduler
 from library.models import SDModel
 from library.pfg import PFGAdapter, append_tokens, uncond_tokens
 from library.text import PromptEncoder
+
+TEXT_CACHE_SIZE = 512  # captions; ~120 MB of SD1.x states in fp32
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class PFGTrainer:
         self.options = options
         self.noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
         self._alphas_cumprod = self.noise_scheduler.alphas_cumprod
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # -- the pieces -------------------------------------------------------------------------
 
@@ -43,7 +47,17 @@ class PFGTrainer:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        return self.prompt_encoder.encode(captions)
+        """Text states of the captions. The text encoder is frozen, so states are remembered per
+        caption: PFG usually trains on one fixed prompt, which is then encoded once. Each caption
+        is encoded on its own so its states never depend on what else was in the batch."""
+        for caption in dict.fromkeys(captions):
+            if caption in self._text_cache:
+                self._text_cache.move_to_end(caption)
+            else:
+                self._text_cache[caption] = self.prompt_encoder.encode([caption])[0]
+                if len(self._text_cache) > TEXT_CACHE_SIZE:
+                    self._text_cache.popitem(last=False)
+        return torch.stack([self._text_cache[c] for c in captions])
 
     def pfg_tokens(self, features: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         tokens = self.adapter(features)

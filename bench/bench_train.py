@@ -1,0 +1,173 @@
+"""Training speed of train_pfg.py against a bare hand-written diffusers loop (the ceiling).
+
+    python bench/bench_train.py [--steps 40] [--modes none full lora] [--model SD_FOLDER --resolution 512 --batch 4]
+
+Both sides train the same UNet on the same cached latents with the same optimizer (AdamW8bit)
+and batch size. train_pfg.py's per-step time is the difference between two runs of different
+length (so model loading and saving cancel out); the bare loop times its steps directly. Each
+measurement runs in its own process, whose peak RSS (or peak CUDA memory) is reported.
+Without --model, the tiny offline SD1 model and the demo dataset are built under bench/work/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+WORK = REPO / "bench" / "work"
+
+
+def prepare(args) -> tuple[Path, Path]:
+    """Model folder and a dataset TOML whose images have feature caches."""
+    import prepare_features
+    from tools.make_demo_dataset import build_demo_dataset
+    from tools.make_tiny_sd import build_tiny_sd
+    from tools.make_tiny_tagger import build_tiny_tagger
+
+    model = Path(args.model) if args.model else build_tiny_sd(WORK / "tiny-sd1", "sd1")
+    data = build_demo_dataset(WORK / "data")
+    tagger = build_tiny_tagger(WORK / "tagger")
+    toml = WORK / f"dataset-{args.resolution}.toml"
+    toml.write_text(
+        f"[general]\nresolution = {args.resolution}\nbatch_size = {args.batch}\nenable_bucket = false\n"
+        f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{(data / "images").as_posix()}"\nnum_repeats = 20\n'
+    )
+    prepare_features.main(["--dataset_config", str(toml), "--tagger_model", str(tagger)])
+    return model, toml
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(model: Path, toml: Path, mode: str, steps: int, precision: str) -> dict:
+    import train_pfg
+
+    out = WORK / f"out-{mode}-{steps}"
+    started = time.perf_counter()
+    train_pfg.main([
+        "--pretrained_model_name_or_path", str(model), "--dataset_config", str(toml), "--output_dir", str(out),
+        "--train_unet", mode, "--max_train_steps", str(steps), "--cache_latents", "--mixed_precision", precision,
+        "--learning_rate", "1e-5", "--save_model_as", "diffusers",
+    ])
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak_memory_mb()}
+
+
+def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> dict:
+    """The ceiling: diffusers' own pieces in a plain loop, no dataset machinery, no accelerate."""
+    import bitsandbytes as bnb
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from library.dataset import collect_items, load_features
+    from library.dataset_config import load_dataset_config
+    from library.latents import bucket_pixels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    config = load_dataset_config(toml)
+    items, _ = collect_items(config, "illustration of *")
+    features, _ = load_features(items)
+    batch = config.datasets[0].batch_size
+    tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").to(device).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(model / "vae").to(device).requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").to(device)
+    scheduler = DDPMScheduler.from_pretrained(model / "scheduler")
+    width = unet.config.cross_attention_dim
+    head = torch.nn.Linear(features.shape[1], 10 * width).to(device)
+    unet.requires_grad_(mode == "full")
+    if mode == "lora":
+        unet.add_adapter(LoraConfig(r=16, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]))
+    params = list(head.parameters()) + [p for p in unet.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+    with torch.no_grad():  # cached latents and text states, as train_pfg.py --cache_latents has them
+        pixels = torch.stack([bucket_pixels(item.image_path, item.assignment) for item in items[: 4 * batch]]).to(device)
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        ids = tokenizer(["illustration of *"] * batch, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+        text = text_encoder(ids).last_hidden_state
+    unet.train()
+
+    def step(k: int) -> None:
+        x0 = latents[(k % 4) * batch : (k % 4 + 1) * batch]
+        f = features[(k % 4) * batch : (k % 4 + 1) * batch].to(device)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=precision != "no"):
+            context = torch.cat([text, head(f).reshape(batch, 10, width)], dim=1)
+            pred = unet(scheduler.add_noise(x0, noise, t), t, context).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for k in range(3):  # warm-up
+        step(k)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for k in range(steps):
+        step(k)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - started, "peak_mb": peak_memory_mb()}
+
+
+def measure(kind: str, mode: str, steps: int, args) -> dict:
+    """One measurement in a fresh process (clean peak memory, no shared caches)."""
+    command = [sys.executable, __file__, "--worker", kind, "--mode", mode, "--steps", str(steps),
+               "--resolution", str(args.resolution), "--batch", str(args.batch), "--precision", args.precision]
+    if args.model:
+        command += ["--model", args.model]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind}/{mode} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--modes", nargs="+", default=["none", "full", "lora"])
+    parser.add_argument("--model", default="")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--worker", default="")
+    parser.add_argument("--mode", default="full")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.worker:
+        model, toml = prepare(args)
+        runner = run_ours if args.worker == "ours" else run_bare
+        print(json.dumps(runner(model, toml, args.mode, args.steps, args.precision)))
+        return
+    prepare(args)  # build once, outside the timed processes
+    short = 5
+    print(f"| mode | train_pfg.py steps/s | bare loop steps/s | ratio | train_pfg peak MB | bare peak MB |")
+    print(f"| --- | --- | --- | --- | --- | --- |")
+    for mode in args.modes:
+        a = measure("ours", mode, short, args)
+        b = measure("ours", mode, short + args.steps, args)
+        bare = measure("bare", mode, args.steps, args)
+        ours_rate = args.steps / max(1e-9, b["seconds"] - a["seconds"])
+        bare_rate = args.steps / bare["seconds"]
+        print(f"| {mode} | {ours_rate:.2f} | {bare_rate:.2f} | {ours_rate / bare_rate:.2f} | {b['peak_mb']:.0f} | {bare['peak_mb']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
