@@ -51,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     # 2. The PFG head and the image encoder, checked against each other and the UNet.
     adapter, encoder = None, None
     if settings.pfg_weights:
-        adapter, _ = load_pfg(settings.pfg_weights, model.cross_attention_dim)
+        adapter, pfg_info = load_pfg(settings.pfg_weights, model.cross_attention_dim)
         adapter.to(device, dtype=dtype).eval()
         if settings.tagger_model:
             from library.encoders import load_encoder
 
             encoder = load_encoder(settings.tagger_model, device=device.type, feature_tensor=settings.feature_tensor or None)
         check_compatible(adapter, settings.pfg_weights, encoder.dim if encoder else None, model.cross_attention_dim)
+        trained_with = pfg_info.get("pfg.encoder", "")
+        if encoder is not None and trained_with and trained_with != encoder.encoder_id:
+            print(f"warning: {settings.pfg_weights} was trained with encoder {trained_with}, guide images use {encoder.encoder_id}")
     prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=settings.clip_skip)
     sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
 
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_request = request if start == 0 else _shift_seed(request, start)
             for image, seed in sampler.generate(batch_request, count):
                 path = outdir / f"{index:05d}-{seed}.png"
-                save_png(image, path, a1111_parameters(request, seed, model_name, pfg_name))
+                parameters = a1111_parameters(request, seed, model_name, pfg_name, settings.clip_skip, settings.uncond)
+                save_png(image, path, parameters)
                 print(f"wrote {path}")
                 results.append(image)
                 index += 1
@@ -89,24 +93,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_requests(settings) -> list:
+    """The command-line request, or one per prompt-file line; every file they name is checked
+    here, so a typo on line 30 fails before the first image, not after the 29th."""
     from library.prompt_file import read_prompt_file
-    from library.sampling import Guide, SampleRequest
+    from library.sampling import Guide, SampleRequest, canonical_sampler, make_scheduler
 
     seed = settings.seed if settings.seed >= 0 else random.randint(0, 2**31 - 1)
-    guides = tuple(Guide.parse(p) for p in [*settings.image, *settings.features])
-    for guide in guides:
-        if not Path(guide.path).is_file():
-            raise UserError(f"guide not found: {guide.path}")
     defaults = SampleRequest(
         prompt=settings.prompt, negative_prompt=settings.negative_prompt, width=settings.W, height=settings.H,
-        steps=settings.steps, scale=settings.scale, seed=seed, sampler=settings.sampler, pfg_scale=settings.pfg_scale,
-        guides=guides, negative_guides=tuple(Guide.parse(p) for p in settings.negative_image),
+        steps=settings.steps, scale=settings.scale, seed=seed, sampler=canonical_sampler(settings.sampler),
+        pfg_scale=settings.pfg_scale, guides=tuple(Guide.parse(p) for p in [*settings.image, *settings.features]),
+        negative_guides=tuple(Guide.parse(p) for p in settings.negative_image),
         init_image=settings.init_image, strength=settings.strength,
     )
     defaults.validate("gen_pfg.py")
-    if settings.from_file:
-        return read_prompt_file(settings.from_file, defaults)
-    return [defaults]
+    requests = read_prompt_file(settings.from_file, defaults) if settings.from_file else [defaults]
+    source = settings.from_file or "command line"
+    for request in requests:
+        guides = [*request.guides, *request.negative_guides]
+        for guide in guides:
+            if not Path(guide.path).is_file():
+                raise UserError(f"{source}: guide not found: {guide.path}")
+            if not guide.path.endswith(".npz") and not settings.tagger_model:
+                raise UserError(f"{source}: guide image {guide.path} needs --tagger_model to become a vector")
+        if guides and not settings.pfg_weights:
+            raise UserError(f"{source}: guide images ({guides[0].path}) need --pfg_weights")
+        if request.init_image and not Path(request.init_image).is_file():
+            raise UserError(f"{source}: init image not found: {request.init_image}")
+    for sampler in {r.sampler for r in requests}:
+        make_scheduler(sampler, {})  # a sampler with a missing optional package fails here, not mid-run
+    return requests
 
 
 def _shift_seed(request, offset: int):

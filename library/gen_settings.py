@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from library.cli_config import setting
 from library.errors import UserError
-from library.sampling import SAMPLERS
+from library.sampling import SAMPLER_ALIASES, SAMPLERS, Guide
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class GenSettings:
     H: int = setting(512, "image height (multiple of 8)")
     steps: int = setting(28, "sampling steps")
     scale: float = setting(7.0, "CFG scale")
-    sampler: str = setting("euler_a", "sampler", choices=tuple(SAMPLERS))
+    sampler: str = setting("euler_a", "sampler (kohya's names such as k_euler_a work too)", choices=(*SAMPLERS, *SAMPLER_ALIASES))
     seed: int = setting(-1, "seed of the first image (-1: random); image k uses seed + k")
     images_per_prompt: int = setting(1, "images per prompt")
     batch_size: int = setting(1, "images generated together")
@@ -51,11 +51,21 @@ class GenSettings:
             raise UserError("--pretrained_model_name_or_path is required")
         if self.sdpa and self.xformers:
             raise UserError("--sdpa and --xformers exclude each other")
-        if (self.image or self.negative_image) and not self.pfg_weights:
-            raise UserError("--image needs --pfg_weights")
-        if self.image and not self.tagger_model and not all(p.split(":")[0].endswith(".npz") for p in self.image):
-            raise UserError("--image needs --tagger_model to turn the guide image into a vector (or use --features)")
+        for name, value in (("--W", self.W), ("--H", self.H)):
+            if value <= 0 or value % 8:
+                lower, upper = max(8, value // 8 * 8), (value // 8 + 1) * 8
+                raise UserError(f"{name} {value} is not a positive multiple of 8 (the VAE works in 8-pixel cells); try {lower} or {upper}")
+        guides = [*self.image, *self.negative_image, *self.features]
+        if guides and not self.pfg_weights:
+            flags = [f for f, v in (("--image", self.image), ("--negative_image", self.negative_image), ("--features", self.features)) if v]
+            raise UserError(f"{' and '.join(flags)} need --pfg_weights (the PFG head that turns guide vectors into tokens)")
+        if not self.tagger_model and any(not _is_vector_file(p) for p in [*self.image, *self.negative_image]):
+            raise UserError("--image and --negative_image need --tagger_model to turn a guide image into a vector (or pass a *_pfg.npz with --features)")
         if self.images_per_prompt < 1 or self.batch_size < 1:
             raise UserError("--images_per_prompt and --batch_size must be at least 1")
         if self.network_mul and len(self.network_mul) != len(self.network_weights):
             raise UserError(f"--network_mul has {len(self.network_mul)} values for {len(self.network_weights)} --network_weights files")
+
+
+def _is_vector_file(guide: str) -> bool:
+    return Guide.parse(guide).path.endswith(".npz")

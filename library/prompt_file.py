@@ -3,8 +3,9 @@
     illustration of * --n lowres, bad anatomy --w 512 --h 768 --d 42 --s 28 --l 7 --i guide.png:0.8 --ps 1.0
 
 Options: --n negative prompt, --w/--h size, --d seed, --s steps, --l CFG scale, --i guide image
-(repeatable, path:weight), --ni negative guide image, --ps PFG scale, --sampler name. Lines that
-are empty or start with `#` are skipped.
+(repeatable, path:weight), --ni negative guide image (repeatable), --ps PFG scale, --sampler name
+(kohya's `--ss` too, with its names such as k_euler_a). Option names ignore case, as in kohya.
+Lines that are empty or start with `#` are skipped.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from library.errors import UserError
-from library.sampling import Guide, SampleRequest
+from library.sampling import Guide, SampleRequest, canonical_sampler
 
 _OPTION = re.compile(r"\s--(\w+)\s")
 
@@ -25,7 +26,7 @@ def parse_prompt_line(line: str, defaults: SampleRequest, where: str = "") -> Sa
     guides: list[Guide] = []
     negative_guides: list[Guide] = []
     for name, value in zip(parts[1::2], parts[2::2]):
-        value = value.strip()
+        name, value = name.lower(), value.strip()
         try:
             if name == "n":
                 changes["negative_prompt"] = value
@@ -45,10 +46,10 @@ def parse_prompt_line(line: str, defaults: SampleRequest, where: str = "") -> Sa
                 guides.append(Guide.parse(value))
             elif name == "ni":
                 negative_guides.append(Guide.parse(value))
-            elif name == "sampler":
-                changes["sampler"] = value
+            elif name in ("sampler", "ss"):
+                changes["sampler"] = canonical_sampler(value)
             else:
-                raise UserError(f"{where}unknown option --{name} (known: --n --w --h --d --s --l --i --ni --ps --sampler)")
+                raise UserError(f"{where}unknown option --{name} (known: --n --w --h --d --s --l --i --ni --ps --sampler --ss)")
         except ValueError:
             raise UserError(f"{where}option --{name} needs a number, got {value!r}") from None
     if guides:

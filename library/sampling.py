@@ -1,12 +1,16 @@
 """Image generation with PFG: one code path for gen_pfg.py and training samples.
 
 The diffusers pipeline does the sampling; we hand it prompt embeddings with the PFG tokens
-already appended (conditional branch) and the unconditional padding (negative branch), both of
-the same length. `pfg_scale == 0` appends nothing, so the result equals the plain pipeline.
+already appended (conditional branch) and the unconditional padding or a negative guide's tokens
+(negative branch), both of the same length. `pfg_scale == 0` appends nothing, so the result
+equals the plain pipeline with the same seed, pixel for pixel (tests/test_gen.py checks it).
+The `parameters` text chunk follows A1111's layout so webui tools read our PNGs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +37,28 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "dpm_2": ("KDPM2DiscreteScheduler", {}),
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+}
+# kohya's sample-prompt names (`--ss k_euler_a`), so its prompt files render unchanged. diffusers
+# deprecates the first-order "dpmsolver" algorithm; its name maps to the DPM++ 2M successor.
+SAMPLER_ALIASES = {
+    "k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2", "k_dpm_2_a": "dpm_2_a",
+    "dpmsolver++": "dpm++2m", "dpmsolver": "dpm++2m", "plms": "pndm",
 }
 # The names A1111 writes in its `parameters` text, so the PNG reads like a webui image.
 A1111_SAMPLER_NAMES = {
     "ddim": "DDIM", "pndm": "PLMS", "lms": "LMS", "heun": "Heun", "euler": "Euler", "euler_a": "Euler a",
     "dpm++2m": "DPM++ 2M", "dpm++2m_karras": "DPM++ 2M Karras", "dpm++2m_sde": "DPM++ 2M SDE",
     "dpm++2m_sde_karras": "DPM++ 2M SDE Karras", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "unipc": "UniPC",
+    "deis": "DEIS", "dpmsingle": "DPM Solver single",
 }
+
+
+def canonical_sampler(name: str) -> str:
+    """Our sampler name for `name`, accepting kohya's aliases and any letter case."""
+    name = name.strip().lower()
+    return SAMPLER_ALIASES.get(name, name)
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,11 @@ class SampleRequest:
             raise UserError(f"{where}steps must be at least 1, got {self.steps}")
         if not 0.0 < self.strength <= 1.0:
             raise UserError(f"{where}strength must be within (0, 1], got {self.strength}")
+        if self.init_image and int(self.steps * self.strength) < 1:
+            raise UserError(
+                f"{where}img2img runs steps x strength = {self.steps} x {self.strength:g} < 1 denoising steps; "
+                "raise the steps or the strength"
+            )
 
 
 def make_scheduler(sampler: str, scheduler_config: dict):
@@ -97,7 +121,11 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     # Latents are not bounded to [-1, 1]: DDIM/DDPM's default x0 clipping would distort them.
     config["clip_sample"] = False
-    return getattr(diffusers, class_name).from_config({**config, **extra})
+    try:
+        return getattr(diffusers, class_name).from_config({**config, **extra})
+    except ImportError as e:  # e.g. LMS needs scipy, which is not among our requirements
+        detail = " ".join(str(e).split())
+        raise UserError(f"--sampler {sampler} is unavailable here: {detail}") from None
 
 
 class PFGSampler:
@@ -121,6 +149,7 @@ class PFGSampler:
         self.device = torch.device(device)
         self.dtype = dtype
         self._feature_cache: dict[str, torch.Tensor] = {}
+        self._pipelines: dict[bool, object] = {}
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -141,7 +170,14 @@ class PFGSampler:
                 except ImageLoadError as e:
                     raise UserError(str(e)) from None
                 vector = self.encoder.encode([image])[0]
-            self._feature_cache[path] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+            vector = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+            expected = self.adapter.shape.input_dim if self.adapter is not None else None
+            if expected is not None and vector.shape[-1] != expected:
+                raise UserError(
+                    f"{path}: the guide vector has width D={vector.shape[-1]} but the PFG head expects D={expected} "
+                    "(made with a different image encoder?)"
+                )
+            self._feature_cache[path] = vector
         return self._feature_cache[path]
 
     def pfg_tokens(self, guides: tuple[Guide, ...], scale: float) -> torch.Tensor | None:
@@ -153,42 +189,57 @@ class PFGSampler:
 
     @torch.no_grad()
     def embeddings(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditional, unconditional) UNet contexts of equal length, batch 1."""
+        """(conditional, unconditional) UNet contexts of equal length, batch 1.
+
+        Guide tokens go on the conditional branch, negative-guide tokens on the unconditional
+        one; a branch without its own tokens gets the `--uncond` padding so the lengths match.
+        """
         prompts = [request.prompt, request.negative_prompt]
         chunks = self.prompt_encoder.chunks_needed(prompts, weighted=True)
         states = self.prompt_encoder.encode(prompts, weighted=True, num_chunks=chunks)
         cond_text, uncond_text = states[:1], states[1:]
         tokens = self.pfg_tokens(request.guides, request.pfg_scale)
-        if tokens is None:
-            if request.negative_guides and self.adapter is not None and request.pfg_scale != 0:
-                raise UserError("--negative_image needs a guide image (--image) as well")
-            return cond_text, uncond_text
         negative = self.pfg_tokens(request.negative_guides, request.pfg_scale)
+        if tokens is None and negative is None:
+            return cond_text, uncond_text
+        num_tokens = self.adapter.shape.num_tokens
+        if tokens is None:
+            tokens = uncond_tokens(self.uncond, cond_text, num_tokens)
         if negative is None:
-            negative = uncond_tokens(self.uncond, uncond_text, tokens.shape[1])
+            negative = uncond_tokens(self.uncond, uncond_text, num_tokens)
         return append_tokens(cond_text, tokens), append_tokens(uncond_text, negative)
 
     # -- sampling -----------------------------------------------------------------------------
 
     def _pipeline(self, sampler: str, img2img: bool):
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+        """The diffusers pipeline around our modules, built once per mode; only the scheduler
+        (stateful, cheap) is made fresh for every call."""
+        if img2img not in self._pipelines:
+            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-        cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-        pipe = cls(
-            vae=self.model.vae, text_encoder=self.model.text_encoder, tokenizer=self.model.tokenizer,
-            unet=self.model.unet, scheduler=make_scheduler(sampler, self.model.scheduler_config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
+            cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+            pipe = cls(
+                vae=self.model.vae, text_encoder=self.model.text_encoder, tokenizer=self.model.tokenizer,
+                unet=self.model.unet, scheduler=make_scheduler(sampler, self.model.scheduler_config),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[img2img] = pipe
+        pipe = self._pipelines[img2img]
+        pipe.scheduler = make_scheduler(sampler, self.model.scheduler_config)
         return pipe
 
     @torch.no_grad()
     def generate(self, request: SampleRequest, count: int = 1) -> list[tuple[Image.Image, int]]:
-        """`count` images with seeds seed, seed+1, ...: each image is reproducible on its own."""
+        """`count` images with seeds seed, seed+1, ...: each image is reproducible on its own.
+
+        Every image draws its noise from its own CPU generator (what diffusers does with a list
+        of generators), so image k of a batch equals seed+k generated alone, on any device.
+        """
         request.validate()
         cond, uncond = self.embeddings(request)
         seeds = [request.seed + i for i in range(count)]
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         pipe = self._pipeline(request.sampler, bool(request.init_image))
         kwargs = dict(
             prompt_embeds=cond.expand(count, -1, -1).to(self.device, self.dtype),
@@ -210,47 +261,73 @@ class PFGSampler:
         return list(zip(images, seeds))
 
 
-def with_overrides(request: SampleRequest, **changes) -> SampleRequest:
-    return replace(request, **{k: v for k, v in changes.items() if v is not None})
+def _quote(value: object) -> str:
+    """A1111 quotes a field value (JSON string) when it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
-def a1111_parameters(request: SampleRequest, seed: int, model_name: str, pfg_name: str) -> str:
-    """The `parameters` text A1111 writes into its PNGs, with PFG's settings appended."""
+def _guide_list(guides: tuple[Guide, ...]) -> str:
+    return "; ".join(f"{Path(g.path).name}:{g.weight:g}" for g in guides)
+
+
+def a1111_parameters(
+    request: SampleRequest, seed: int, model_name: str, pfg_name: str, clip_skip: int = 1, uncond: str = "zeros"
+) -> str:
+    """The `parameters` text A1111 writes into its PNGs, with PFG's settings appended:
+    prompt, `Negative prompt: ...`, then one line of `Key: value` fields."""
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
-    fields = [
-        f"Steps: {request.steps}",
-        f"Sampler: {A1111_SAMPLER_NAMES.get(request.sampler, request.sampler)}",
-        f"CFG scale: {request.scale:g}",
-        f"Seed: {seed}",
-        f"Size: {request.width}x{request.height}",
-        f"Model: {model_name}",
-    ]
+    fields: dict[str, object] = {
+        "Steps": request.steps,
+        "Sampler": A1111_SAMPLER_NAMES.get(request.sampler, request.sampler),
+        "CFG scale": f"{request.scale:g}",
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model_name,
+    }
+    if clip_skip > 1:
+        fields["Clip skip"] = clip_skip
     if request.init_image:
-        fields.append(f"Denoising strength: {request.strength:g}")
-    if pfg_name and request.guides:
-        fields += [
-            f"PFG: {pfg_name}",
-            f"PFG images: {'; '.join(f'{Path(g.path).name}:{g.weight:g}' for g in request.guides)}",
-            f"PFG scale: {request.pfg_scale:g}",
-        ]
+        fields["Denoising strength"] = f"{request.strength:g}"
+        fields["Init image"] = Path(request.init_image).name
+    if pfg_name and (request.guides or request.negative_guides):
+        fields["PFG"] = pfg_name
+        if request.guides:
+            fields["PFG images"] = _guide_list(request.guides)
         if request.negative_guides:
-            fields.append(f"PFG negative images: {'; '.join(f'{Path(g.path).name}:{g.weight:g}' for g in request.negative_guides)}")
-    lines.append(", ".join(fields))
+            fields["PFG negative images"] = _guide_list(request.negative_guides)
+        fields["PFG scale"] = f"{request.pfg_scale:g}"
+        fields["PFG uncond"] = uncond
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items()))
     return "\n".join(lines)
 
 
+# A1111's field pattern: `Key: value` or `Key: "quoted, value"`, separated by commas.
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
 def parse_a1111_parameters(text: str) -> dict[str, str]:
-    """Read back the `parameters` text: prompt, negative prompt and the key: value fields."""
-    lines = text.split("\n")
-    result = {"prompt": lines[0], "negative_prompt": ""}
-    rest = lines[1:]
-    if rest and rest[0].startswith("Negative prompt: "):
-        result["negative_prompt"] = rest[0][len("Negative prompt: "):]
-        rest = rest[1:]
-    for part in ", ".join(rest).split(", "):
-        key, sep, value = part.partition(": ")
-        if sep:
-            result[key] = value
+    """Read back the `parameters` text: `prompt`, `negative_prompt` and every `Key: value`
+    field (unquoted). Multi-line prompts are kept; the last line holds the fields."""
+    *lines, last = text.strip("\n").split("\n")
+    if len(_FIELD.findall(last)) < 3:  # no field line: the whole text is prompt
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        if line.startswith("Negative prompt:") and not negative:
+            negative.append(line[len("Negative prompt:"):].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    result = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    for key, value in _FIELD.findall(last):
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        result[key.strip()] = value
     return result

@@ -1,0 +1,367 @@
+"""gen_pfg.py through its entry point on the tiny models: conditioning, reproducibility,
+equality with the plain diffusers pipeline, file formats, prompt files and user errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gen_pfg
+from library.errors import UserError, run_cli
+from library.image_outputs import read_parameters
+from library.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
+from library.sampling import (
+    A1111_SAMPLER_NAMES, SAMPLERS, Guide, PFGSampler, SampleRequest, a1111_parameters, make_scheduler,
+    parse_a1111_parameters,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes inside diffusers schedulers
+
+SIZE = ["--W", "64", "--H", "64", "--steps", "2"]
+N_TOKENS = 4
+
+
+def _adapter(input_dim: int, width: int, seed: int) -> PFGAdapter:
+    """A random PFG head whose tokens are as large as text states, so guides visibly matter."""
+    torch.manual_seed(seed)
+    adapter = PFGAdapter(PFGShape(N_TOKENS, input_dim, width))
+    torch.nn.init.normal_(adapter.pfg_linear.weight, std=3.0 / input_dim**0.5)
+    return adapter
+
+
+def _guide_image(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)  # coarse blocks: a distinct picture per seed
+    Image.fromarray(pixels).resize((96, 80), Image.Resampling.NEAREST).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory, tiny_sd1, tiny_sd2, tiny_tagger) -> dict[str, Path]:
+    """Shared files: PFG heads in every format for both tiny models, guide images, a vector file."""
+    from library.encoders import load_encoder
+    from library.features import save_feature
+
+    root = tmp_path_factory.mktemp("gen")
+    encoder = load_encoder(str(tiny_tagger))
+    files = {"sd1": tiny_sd1, "sd2": tiny_sd2, "tagger": tiny_tagger, "root": root}
+    for name, (dim, width, seed) in {"pfg1": (768, 32, 0), "pfg2": (768, 64, 1), "pfg1_d1024": (1024, 32, 2)}.items():
+        adapter = _adapter(dim, width, seed)
+        files[name] = save_pfg(adapter, root / f"{name}-pfg.safetensors", pfg_metadata(adapter.shape, encoder.encoder_id))[0]
+        if name == "pfg1":
+            state = {k: v.clone() for k, v in adapter.state_dict().items()}
+            files["pt_full"] = root / "orig-pfg.pt"
+            torch.save(state, files["pt_full"])  # the original scripts' key names, no metadata
+            files["pt_bare"] = root / "bare-pfg.pt"
+            torch.save({"weight": state["pfg_linear.weight"], "bias": state["pfg_linear.bias"]}, files["pt_bare"])
+    for i in range(3):
+        files[f"g{i}"] = _guide_image(root / f"guide{i}.png", seed=i)
+    files["init"] = _guide_image(root / "init.png", seed=9)
+    files["npz"] = root / "guide0_pfg.npz"
+    save_feature(files["npz"], encoder.encode([Image.open(files["g0"])])[0], encoder.encoder_id, files["g0"])
+    files["npz_1024"] = root / "wide_pfg.npz"
+    save_feature(files["npz_1024"], np.ones(1024, np.float32), "other", files["g0"])
+    return files
+
+
+def _run(tmp_path: Path, model: Path, *args: str, seed: int = 1) -> list[Path]:
+    """Run gen_pfg.main into a fresh folder; the generated PNGs (not grids), in order."""
+    outdir = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+    argv = ["--pretrained_model_name_or_path", str(model), "--outdir", str(outdir), "--seed", str(seed), *SIZE, *map(str, args)]
+    assert gen_pfg.main(argv) == 0
+    return sorted(p for p in outdir.glob("*.png") if not p.name.startswith("grid"))
+
+
+def _pfg_args(kit, model: str = "sd1") -> list:
+    return ["--pfg_weights", kit["pfg1" if model == "sd1" else "pfg2"], "--tagger_model", kit["tagger"]]
+
+
+def _pixels(path_or_image) -> np.ndarray:
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(_pixels(a), _pixels(b))
+
+
+def _user_error(capsys, argv: list) -> str:
+    """What a user sees on a UserError: exit status 2 and one `error:` line, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: gen_pfg.main([str(a) for a in argv]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line
+
+
+# -- conditioning ---------------------------------------------------------------------------------
+
+
+def test_guides_change_the_image_and_weights_one_to_zero_equal_the_first_alone(kit, tmp_path):
+    pfg = _pfg_args(kit)
+    (first,) = _run(tmp_path, kit["sd1"], *pfg, "--image", kit["g0"])
+    (mixed,) = _run(tmp_path, kit["sd1"], *pfg, "--image", f"{kit['g0']}:1", "--image", f"{kit['g1']}:0")
+    (other,) = _run(tmp_path, kit["sd1"], *pfg, "--image", kit["g1"])
+    assert _same(first, mixed)
+    assert not _same(first, other)
+
+
+@pytest.mark.parametrize("model", ["sd1", "sd2"])
+def test_pfg_scale_zero_equals_the_plain_diffusers_pipeline(kit, tmp_path, model):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    (ours,) = _run(tmp_path, kit[model], *_pfg_args(kit, model), "--image", kit["g0"], "--pfg_scale", "0",
+                   "--prompt", "a red cat, (sitting:1.0)", "--negative_prompt", "blurry", "--sampler", "euler_a", seed=3)
+    pipe = StableDiffusionPipeline.from_pretrained(kit[model], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe("a red cat, sitting", negative_prompt="blurry", width=64, height=64, num_inference_steps=2,
+                 guidance_scale=7.0, generator=torch.Generator().manual_seed(3)).images[0]
+    assert _same(ours, plain)
+    if model == "sd2":  # the v-prediction schedule came along from the model folder
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_img2img_with_pfg_scale_zero_equals_the_plain_img2img_pipeline(kit, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    (ours,) = _run(tmp_path, kit["sd1"], "--init_image", kit["init"], "--strength", "0.5", "--steps", "4",
+                   "--sampler", "ddim", "--prompt", "a cat", seed=4)
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(kit["sd1"], safety_checker=None, requires_safety_checker=False)
+    # Real SD folders say clip_sample=false; the tiny PNDM config is silent, so say it here too.
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    init = Image.open(kit["init"]).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+    plain = pipe("a cat", image=init, strength=0.5, num_inference_steps=4, guidance_scale=7.0,
+                 generator=torch.Generator().manual_seed(4)).images[0]
+    assert _same(ours, plain)
+    fields = parse_a1111_parameters(read_parameters(ours))
+    assert fields["Denoising strength"] == "0.5" and fields["Init image"] == "init.png"
+
+
+def test_same_seed_same_image_and_batch_member_equals_its_seed_alone(kit, tmp_path):
+    pfg = [*_pfg_args(kit), "--image", kit["g0"]]
+    (once,) = _run(tmp_path, kit["sd1"], *pfg, seed=12)
+    (again,) = _run(tmp_path, kit["sd1"], *pfg, seed=12)
+    batch = _run(tmp_path, kit["sd1"], *pfg, "--images_per_prompt", "3", "--batch_size", "3", seed=10)
+    assert _same(once, again)
+    assert [p.name.split("-")[1] for p in batch] == ["10.png", "11.png", "12.png"]  # each seed in the name
+    # Batched matmuls may round differently in the last bit; the noise is the same, so at most 1/255 apart.
+    assert np.abs(_pixels(batch[2]) - _pixels(once)).max() <= 1
+    assert not _same(batch[0], batch[1])
+
+
+def test_negative_image_and_uncond_eos_change_the_unconditional_branch(kit, tmp_path):
+    pfg = [*_pfg_args(kit), "--image", kit["g0"]]
+    (zeros,) = _run(tmp_path, kit["sd1"], *pfg)
+    (eos,) = _run(tmp_path, kit["sd1"], *pfg, "--uncond", "eos")
+    (negative,) = _run(tmp_path, kit["sd1"], *pfg, "--negative_image", kit["g1"])
+    (negative_only,) = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--negative_image", kit["g1"])
+    assert len({_pixels(p).tobytes() for p in (zeros, eos, negative, negative_only)}) == 4
+    fields = parse_a1111_parameters(read_parameters(negative))
+    assert fields["PFG negative images"] == "guide1.png:1" and fields["PFG uncond"] == "zeros"
+
+
+def test_features_file_without_a_tagger_equals_the_guide_image(kit, tmp_path):
+    (from_image,) = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g0"])
+    (from_vector,) = _run(tmp_path, kit["sd1"], "--pfg_weights", kit["pfg1"], "--features", kit["npz"])
+    assert _same(from_image, from_vector)
+
+
+@pytest.fixture(scope="module")
+def sd1_sampler(kit):
+    from library.encoders import load_encoder
+    from library.models import load_sd_model
+    from library.pfg import load_pfg
+
+    model = load_sd_model(str(kit["sd1"]))
+    adapter, _ = load_pfg(kit["pfg1"])
+    return PFGSampler(model, adapter, load_encoder(str(kit["tagger"])))
+
+
+@pytest.mark.parametrize("words,chunks", [(20, 1), (100, 2), (200, 3)])
+def test_long_prompts_are_encoded_in_75_token_chunks(kit, sd1_sampler, words, chunks):
+    request = SampleRequest(prompt=" ".join(["cat"] * words), guides=(Guide(str(kit["g0"])),))
+    cond, uncond = sd1_sampler.embeddings(request)
+    assert cond.shape == uncond.shape == (1, 77 * chunks + N_TOKENS, 32)
+    # the short negative prompt was padded with empty chunks to the same length
+    images = sd1_sampler.generate(SampleRequest(prompt=request.prompt, width=64, height=64, steps=1, guides=request.guides))
+    assert images[0][0].size == (64, 64)
+
+
+def test_uncond_padding_and_negative_tokens(kit, sd1_sampler):
+    guides = (Guide(str(kit["g0"])),)
+    cond, uncond = sd1_sampler.embeddings(SampleRequest(prompt="a cat", guides=guides, pfg_scale=0.5))
+    tokens = sd1_sampler.pfg_tokens(guides, 0.5)
+    assert torch.equal(cond[:, -N_TOKENS:], tokens) and not uncond[:, -N_TOKENS:].any()
+    eos = PFGSampler(sd1_sampler.model, sd1_sampler.adapter, sd1_sampler.encoder, uncond="eos")
+    _, uncond_eos = eos.embeddings(SampleRequest(prompt="a cat", guides=guides))
+    assert torch.equal(uncond_eos[:, -N_TOKENS:], uncond_eos[:, 76:77].expand(1, N_TOKENS, 32))
+    negative = (Guide(str(kit["g1"])),)
+    _, uncond_neg = sd1_sampler.embeddings(SampleRequest(prompt="a cat", guides=guides, negative_guides=negative))
+    assert torch.equal(uncond_neg[:, -N_TOKENS:], sd1_sampler.pfg_tokens(negative, 1.0))
+
+
+# -- PFG files ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["pt_full", "pt_bare"])
+def test_original_pt_files_load_with_the_token_count_inferred(kit, tmp_path, variant):
+    from library.pfg import load_pfg
+
+    adapter, metadata = load_pfg(kit[variant], cross_attention_dim=32)
+    assert adapter.shape == PFGShape(N_TOKENS, 768, 32) and metadata == {}
+    guide = ["--tagger_model", kit["tagger"], "--image", kit["g0"]]
+    (from_pt,) = _run(tmp_path, kit["sd1"], "--pfg_weights", kit[variant], *guide)
+    (from_safetensors,) = _run(tmp_path, kit["sd1"], "--pfg_weights", kit["pfg1"], *guide)
+    assert _same(from_pt, from_safetensors)
+
+
+def test_encoder_width_mismatch_names_both_numbers(kit, capsys):
+    base = ["--pretrained_model_name_or_path", kit["sd1"], *SIZE, "--outdir", kit["root"] / "never"]
+    err = _user_error(capsys, [*base, "--pfg_weights", kit["pfg1_d1024"], "--tagger_model", kit["tagger"], "--image", kit["g0"]])
+    assert "D=1024" in err and "D=768" in err
+    err = _user_error(capsys, [*base, "--pfg_weights", kit["pfg1"], "--features", kit["npz_1024"]])
+    assert "D=1024" in err and "D=768" in err and "wide_pfg.npz" in err
+
+
+def test_cross_attention_width_mismatch_names_both_numbers(kit, capsys):
+    argv = ["--pretrained_model_name_or_path", kit["sd1"], *SIZE, "--outdir", kit["root"] / "never",
+            "--pfg_weights", kit["pfg2"], "--tagger_model", kit["tagger"], "--image", kit["g0"]]
+    err = _user_error(capsys, argv)
+    assert "C=64" in err and "C=32" in err and "pfg2-pfg.safetensors" in err
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+
+
+def test_png_parameters_round_trip(kit, tmp_path):
+    prompt = "illustration of *, (masterpiece:1.2), a: b"
+    (path,) = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", f"{kit['g0']}:0.7", "--image", f"{kit['g1']}:0.3",
+                   "--prompt", prompt, "--negative_prompt", "lowres, bad", "--scale", "5.5", "--sampler", "dpm++2m_karras",
+                   "--pfg_scale", "0.8", "--clip_skip", "2", seed=77)
+    assert path.name.endswith("-77.png")
+    fields = parse_a1111_parameters(read_parameters(path))
+    assert fields["prompt"] == prompt and fields["negative_prompt"] == "lowres, bad"
+    expected = {"Steps": "2", "Sampler": "DPM++ 2M Karras", "CFG scale": "5.5", "Seed": "77", "Size": "64x64",
+                "Model": kit["sd1"].name, "Clip skip": "2", "PFG": "pfg1-pfg.safetensors",
+                "PFG images": "guide0.png:0.7; guide1.png:0.3", "PFG scale": "0.8", "PFG uncond": "zeros"}
+    assert {k: fields.get(k) for k in expected} == expected
+
+
+def test_parameters_text_quotes_and_multiline_prompts():
+    request = SampleRequest(prompt="line one\nline two", negative_prompt="bad\nworse", init_image="")
+    text = a1111_parameters(request, 5, "my, model", "")
+    fields = parse_a1111_parameters(text)
+    assert fields["prompt"] == "line one\nline two" and fields["negative_prompt"] == "bad\nworse"
+    assert fields["Model"] == "my, model" and fields["Seed"] == "5"
+
+
+def test_grid_writes_a_contact_sheet(kit, tmp_path):
+    outputs = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g0"], "--images_per_prompt", "2", "--grid")
+    (sheet,) = outputs[0].parent.glob("grid-*.png")
+    assert len(outputs) == 2
+    with Image.open(sheet) as im:
+        assert im.size == (3 * 192, 192)  # guide, then its two results
+        cells = np.asarray(im.convert("RGB"))
+    assert cells[:, :192].std() > 0 and cells[:, 192:].std() > 0  # the guide and the results were drawn
+
+
+# -- prompt files and samplers --------------------------------------------------------------------------
+
+
+def test_prompt_file_with_every_option_renders(kit, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "# training samples\n"
+        "\n"
+        "a (cat:1.2) --n ugly, blurry --w 64 --h 72 --d 3 --s 2 --l 5.5 --i guide0.png:0.7 --i guide1.png:0.3"
+        " --ni guide2.png --ps 0.8 --sampler ddim\n"
+        f"a dog --ss k_euler --d 9 --i {kit['g0']}\n",
+        encoding="utf-8",
+    )
+    (kit["root"] / "prompts.txt").write_text(prompts.read_text(), encoding="utf-8")  # guides relative to the file
+    first, second = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--from_file", kit["root"] / "prompts.txt", "--W", "72")
+    assert Image.open(first).size == (64, 72) and Image.open(second).size == (72, 64)
+    fields = parse_a1111_parameters(read_parameters(first))
+    assert fields["prompt"] == "a (cat:1.2)" and fields["negative_prompt"] == "ugly, blurry"
+    expected = {"Seed": "3", "Steps": "2", "CFG scale": "5.5", "Sampler": "DDIM", "PFG scale": "0.8",
+                "PFG images": "guide0.png:0.7; guide1.png:0.3", "PFG negative images": "guide2.png:1"}
+    assert {k: fields[k] for k in expected} == expected
+    second_fields = parse_a1111_parameters(read_parameters(second))
+    assert second_fields["Sampler"] == "Euler" and second_fields["Seed"] == "9"
+
+
+def _available(sampler: str) -> bool:
+    try:
+        make_scheduler(sampler, {})
+    except UserError as e:  # an optional package (scipy for LMS) is missing: the message says which
+        assert "scipy" in str(e) or "torchsde" in str(e)
+        return False
+    return True
+
+
+def test_every_sampler_runs(kit, tmp_path, capsys):
+    available = [name for name in SAMPLERS if _available(name)]
+    assert len(available) >= len(SAMPLERS) - 1
+    prompts = tmp_path / "samplers.txt"
+    prompts.write_text("".join(f"a cat --sampler {name} --s 2 --d 1\n" for name in available), encoding="utf-8")
+    outputs = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g0"], "--from_file", prompts)
+    names = [parse_a1111_parameters(read_parameters(p))["Sampler"] for p in outputs]
+    assert names == [A1111_SAMPLER_NAMES[name] for name in available]
+    for path in outputs:
+        assert _pixels(path).std() > 0
+    for missing in set(SAMPLERS) - set(available):  # refused before any model loads, with the package name
+        err = _user_error(capsys, ["--pretrained_model_name_or_path", kit["sd1"], "--sampler", missing, "--outdir", tmp_path])
+        assert f"--sampler {missing} is unavailable" in err
+
+
+def test_sd2_v_prediction_model_generates_with_pfg(kit, tmp_path):
+    (path,) = _run(tmp_path, kit["sd2"], *_pfg_args(kit, "sd2"), "--image", kit["g0"], "--sampler", "dpm++2m")
+    (plain,) = _run(tmp_path, kit["sd2"], *_pfg_args(kit, "sd2"), "--image", kit["g0"], "--sampler", "dpm++2m", "--pfg_scale", "0")
+    assert Image.open(path).size == (64, 64) and not _same(path, plain)
+
+
+# -- user errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--W", "100"], "--W 100 is not a positive multiple of 8"),
+        (["--H", "60"], "--H 60 is not a positive multiple of 8"),
+        (["--image", "x.png"], "need --pfg_weights"),
+        (["--strength", "0.2", "--init_image", "x.png"], "steps x strength"),
+        (["--sampler", "nope"], None),  # argparse lists the choices (exit 2 with usage)
+    ],
+)
+def test_bad_options_fail_before_models_load(kit, tmp_path, capsys, args, message):
+    argv = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), *SIZE, "--outdir", str(tmp_path), *args]
+    if message is None:
+        with pytest.raises(SystemExit) as exit_info:
+            gen_pfg.main(argv)
+        assert exit_info.value.code == 2 and "euler_a" in capsys.readouterr().err
+        return
+    assert message in _user_error(capsys, argv)
+
+
+def test_prompt_file_mistakes_fail_before_the_first_image(kit, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --d 1\na dog --i missing.png\n", encoding="utf-8")
+    argv = ["--pretrained_model_name_or_path", str(kit["sd1"]), *_pfg_args(kit), "--from_file", str(prompts),
+            "--outdir", str(tmp_path / "out")]
+    with pytest.raises(UserError, match="guide not found: missing.png"):
+        gen_pfg.main([str(a) for a in argv])
+    assert not (tmp_path / "out").exists()
+
+
+def test_vae_override_slicing_and_tiling_keep_the_image(kit, tmp_path):
+    pfg = [*_pfg_args(kit), "--image", kit["g0"]]
+    (plain,) = _run(tmp_path, kit["sd1"], *pfg)
+    (options,) = _run(tmp_path, kit["sd1"], *pfg, "--vae", kit["sd1"] / "vae", "--vae_slicing", "--vae_tiling")
+    assert _same(plain, options)  # the same VAE weights; tiles only start above the VAE's 128 px sample size
