@@ -365,3 +365,30 @@ def test_vae_override_slicing_and_tiling_keep_the_image(kit, tmp_path):
     (plain,) = _run(tmp_path, kit["sd1"], *pfg)
     (options,) = _run(tmp_path, kit["sd1"], *pfg, "--vae", kit["sd1"] / "vae", "--vae_slicing", "--vae_tiling")
     assert _same(plain, options)  # the same VAE weights; tiles only start above the VAE's 128 px sample size
+
+
+def _kohya_lora(unet_folder: Path, path: Path, seed: int) -> Path:
+    """A kohya-layout LoRA (`lora_unet_<module path>.lora_down/.lora_up/.alpha`) for some attention layers."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in UNet2DConditionModel.from_pretrained(unet_folder).named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v")):
+            key = "lora_unet_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(4, module.in_features, generator=generator) * 0.3
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 4, generator=generator) * 0.3
+            state[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(state, str(path))
+    return path
+
+
+def test_kohya_lora_file_applies_with_its_multiplier(kit, tmp_path):
+    lora = _kohya_lora(kit["sd1"] / "unet", tmp_path / "a-lora.safetensors", seed=0)
+    (plain,) = _run(tmp_path, kit["sd1"], "--prompt", "a cat")
+    (full,) = _run(tmp_path, kit["sd1"], "--prompt", "a cat", "--network_weights", lora)
+    (half,) = _run(tmp_path, kit["sd1"], "--prompt", "a cat", "--network_weights", lora, "--network_mul", "0.5")
+    (muted,) = _run(tmp_path, kit["sd1"], "--prompt", "a cat", "--network_weights", lora, "--network_mul", "0")
+    assert _same(plain, muted)
+    assert len({_pixels(p).tobytes() for p in (plain, full, half)}) == 3
