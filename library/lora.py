@@ -87,12 +87,16 @@ def lora_targets(unet: torch.nn.Module, shape: LoraShape) -> list[LoraTarget]:
 
 
 def layer_names(root: torch.nn.Module, prefix: str) -> dict[str, str]:
-    """kohya name -> module path, for every Linear/Conv2d a LoRA file could address."""
-    return {
-        kohya_name(path, prefix): path
-        for path, module in root.named_modules()
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-    }
+    """kohya name -> module path, for every Linear/Conv2d a LoRA file could address. A layer that
+    already carries a peft LoRA (an earlier file) keeps its own name; peft's adapter layers are
+    not addressable."""
+    names = {}
+    for path, module in root.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in path:
+            continue
+        path = path.removesuffix(".base_layer")
+        names[kohya_name(path, prefix)] = path
+    return names
 
 
 def text_encoder_layer_names(text_encoder: torch.nn.Module) -> dict[str, str]:
@@ -251,7 +255,8 @@ def _kohya_layers(
     targets, weights = [], {}
     for name, parts in sorted(layers.items()):
         module_path = names[name]
-        _check_layer(path, name, parts, root.get_submodule(module_path))
+        module = root.get_submodule(module_path)
+        _check_layer(path, name, parts, getattr(module, "base_layer", module))  # unwrap an earlier file's LoRA
         rank = int(parts["lora_down.weight"].shape[0])
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
         targets.append(LoraTarget(module_path, rank, alpha))

@@ -123,7 +123,7 @@ def make_scheduler(sampler: str, scheduler_config: dict):
     config["clip_sample"] = False
     try:
         return getattr(diffusers, class_name).from_config({**config, **extra})
-    except ImportError as e:  # e.g. LMS needs scipy, which is not among our requirements
+    except ImportError as e:  # e.g. LMS needs scipy: a partial install names the missing package
         detail = " ".join(str(e).split())
         raise UserError(f"--sampler {sampler} is unavailable here: {detail}") from None
 

@@ -376,3 +376,17 @@ def test_lora_for_another_model_is_a_clear_error(tiny_sd1, tiny_sd2, tmp_path):
         apply_lora_files(load_sd_model(str(tiny_sd1)), [str(unknown)], [1.0])
     with pytest.raises(UserError, match="LoRA file not found: .*missing.safetensors"):
         apply_lora_files(load_sd_model(str(tiny_sd1)), [str(tmp_path / "missing.safetensors")], [1.0])
+
+
+def test_two_kohya_files_stack(tiny_sd1, tmp_path):
+    """gen_pfg.py --network_weights a b: the second file finds the layers the first one wrapped."""
+    probe = load_sd_model(str(tiny_sd1))
+    first = _write_fixture(probe, tmp_path / "a.safetensors", FIXTURE_LAYERS, seed=5)
+    second = _write_fixture(probe, tmp_path / "b.safetensors", dict(list(FIXTURE_LAYERS.items())[::3]), seed=6)
+    expected = load_sd_model(str(tiny_sd1))
+    _closed_form(expected, [first, second], [1.0, 0.25])
+    ours = load_sd_model(str(tiny_sd1))
+    apply_lora_files(ours, [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], [1.0, 0.25])
+    inputs = _unet_input(probe)
+    torch.testing.assert_close(_unet_out(ours.unet, inputs), _unet_out(expected.unet, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_text_out(ours), _text_out(expected), atol=1e-5, rtol=1e-5)
