@@ -47,9 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     from library.text import PromptEncoder
     from library.train_loop import LoopOptions, TrainLoop
     from library.train_setup import build_adapter, check_output_dir, parameter_groups, prepare_sd_model
-    from library.encoders import load_encoder
-    from library.sampling import PFGSampler
-    from library.train_samples import TrainingSamples
     from library.trainer import PFGTrainer, StepOptions
 
     output_dir = check_output_dir(settings)
@@ -69,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"{dataset_config.source}: no usable images found")
     ensure_features(items, settings, accelerator)
     features, encoder_id = load_features(items)
-    accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})")
+    (items, features), (held_out, held_out_features) = split_validation(items, features, settings)
+    accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})"
+                      + (f"; {len(held_out)} held out for validation" if held_out else ""))
     accelerator.print(format_bucket_table(bucket_counts(items)))
 
     # 3. Models.
@@ -99,17 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         output_dir, settings.output_name, model, settings.train_unet, settings.save_model_as, settings.save_precision,
         settings.save_pfg_pt, settings.save_last_n, {}, encoder_id, dataset_config.datasets[0].resolution,
     )
-    samples = None
-    if sample_requests:
-        encoder = load_encoder(settings.tagger_model, device=accelerator.device.type) if settings.tagger_model else None
-
-        def current_sampler() -> PFGSampler:  # the weights as they are now, unwrapped from DDP
-            current = dataclasses.replace(model, unet=accelerator.unwrap_model(model.unet))
-            return PFGSampler(current, accelerator.unwrap_model(trainer.adapter), encoder, prompt_encoder, settings.uncond, accelerator.device)
-
-        samples = TrainingSamples(sample_requests, settings.sample_every_n_steps, settings.sample_every_n_epochs,
-                                  output_dir, settings.output_name, accelerator, current_sampler)
-    loop = TrainLoop(accelerator, trainer, dataset, items, batch_sizes, optimizer, None, trained, writer, options, samples)
+    hooks = build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_out_features, output_dir)
+    loop = TrainLoop(accelerator, trainer, dataset, items, batch_sizes, optimizer, None, trained, writer, options, hooks)
     total_steps = loop.total_steps()
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps, num_training_steps=total_steps)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
@@ -151,6 +141,49 @@ def ensure_features(items, settings, accelerator) -> None:
     accelerator.wait_for_everyone()
     if status:
         raise UserError("some images could not be encoded (listed above); fix or remove them, then train again")
+
+
+def split_validation(items, features, settings):
+    """((training items, vectors), (held-out items, vectors)) for --validation_split."""
+    from library.train_validation import split_validation as split
+
+    train, held = split(list(range(len(items))), settings.validation_split, settings.seed)
+    return ([items[i] for i in train], features[train]), ([items[i] for i in held], features[held])
+
+
+def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_out_features, output_dir) -> list:
+    """Training samples and validation, each over the weights as they are at that moment
+    (unwrapped from DDP, so the main process can run them alone)."""
+    from library.trainer import PFGTrainer
+
+    model = trainer.model
+
+    def current_model():
+        return dataclasses.replace(model, unet=accelerator.unwrap_model(model.unet))
+
+    hooks = []
+    if sample_requests:
+        from library.encoders import load_encoder
+        from library.sampling import PFGSampler
+        from library.train_samples import TrainingSamples
+
+        encoder = load_encoder(settings.tagger_model, device=accelerator.device.type) if settings.tagger_model else None
+        hooks.append(TrainingSamples(
+            sample_requests, settings.sample_every_n_steps, settings.sample_every_n_epochs, output_dir, settings.output_name,
+            accelerator, lambda: PFGSampler(current_model(), accelerator.unwrap_model(trainer.adapter), encoder,
+                                            trainer.prompt_encoder, settings.uncond, accelerator.device),
+        ))
+    if held_out:
+        from library.evaluation import load_eval_samples
+        from library.train_validation import TrainingValidation
+
+        samples = load_eval_samples(held_out, held_out_features, model.vae)
+        hooks.append(TrainingValidation(
+            samples, settings.validation_every_n_steps, accelerator,
+            lambda: PFGTrainer(current_model(), accelerator.unwrap_model(trainer.adapter), trainer.prompt_encoder, trainer.options),
+            settings.validation_timesteps, settings.validation_candidates, settings.seed,
+        ))
+    return hooks
 
 
 def read_samples(settings, dataset_config) -> list:

@@ -55,7 +55,7 @@ class TrainLoop:
         trained_modules: list[torch.nn.Module],
         writer: OutputWriter,
         options: LoopOptions,
-        samples=None,
+        hooks: list | None = None,
     ):
         self.accelerator = accelerator
         self.trainer = trainer
@@ -67,7 +67,9 @@ class TrainLoop:
         self.trained_modules = trained_modules
         self.writer = writer
         self.options = options
-        self.samples = samples  # TrainingSamples: images every N steps/epochs
+        # Things done between steps (training samples, validation): each has after_step(step),
+        # after_epoch(epoch, step) and at_end(step).
+        self.hooks = hooks or []
         self.progress = Progress()
 
     # -- sizes ------------------------------------------------------------------------------
@@ -169,8 +171,8 @@ class TrainLoop:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}")
                 self.accelerator.log({"loss": loss.item(), "loss_avg": loss_sum / loss_count, "lr": lr}, step=progress.global_step)
-                if self.samples is not None:
-                    self.samples.after_step(progress.global_step)
+                for hook in self.hooks:
+                    hook.after_step(progress.global_step)
                 every = self.options.save_every_n_steps
                 if every and progress.global_step % every == 0 and progress.global_step < total:
                     self._save_point(step_tag(progress.global_step))
@@ -179,12 +181,14 @@ class TrainLoop:
             else:  # the epoch ran to its end
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
-                if self.samples is not None:
-                    self.samples.after_epoch(progress.epoch, progress.global_step)
+                for hook in self.hooks:
+                    hook.after_epoch(progress.epoch, progress.global_step)
                 every = self.options.save_every_n_epochs
                 if every and progress.epoch % every == 0 and progress.global_step < total:
                     self._save_point(epoch_tag(progress.epoch))
         bar.close()
+        for hook in self.hooks:
+            hook.at_end(progress.global_step)
         written = self._save_point(None)
         self.accelerator.end_training()  # flush and close the trackers
         return written

@@ -39,6 +39,9 @@ class TrainingSamples:
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
             self.sample(f"e{epoch:06d}")
 
+    def at_end(self, step: int) -> None:
+        """Samples are periodic only, as in kohya."""
+
     def sample(self, label: str) -> list[Path]:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:

@@ -70,6 +70,11 @@ class TrainSettings:
     resume: str = setting("", "a NAME-state folder to continue from")
     logging_dir: str = setting("", "tensorboard log folder")
     log_with: str = setting("", "tensorboard or wandb (default: tensorboard when --logging_dir is set)", choices=("", "tensorboard", "wandb", "all"))
+    # validation on held-out images (same metric as eval_pfg.py)
+    validation_split: float = setting(0.0, "fraction of the images held out for validation (0 = none)")
+    validation_every_n_steps: int = setting(0, "validate every N steps (always at the end when --validation_split is set)")
+    validation_timesteps: int = setting(4, "fixed timesteps, spread over the schedule, of the validation loss")
+    validation_candidates: int = setting(8, "vectors compared per held-out image (its own + K-1 others) for retrieval")
     # sample images during training
     sample_prompts: str = setting("", "prompt file (kohya line syntax, --i guide images) rendered during training")
     sample_every_n_steps: int = setting(0, "render the sample prompts every N steps")
@@ -115,6 +120,10 @@ class TrainSettings:
             raise UserError(f"--network_alpha and --network_conv_alpha must be positive, got {self.network_alpha} and {self.network_conv_alpha}")
         if self.network_weights and self.train_unet != "lora":
             raise UserError("--network_weights needs --train_unet lora")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise UserError(f"--validation_split must be within [0, 1), got {self.validation_split}")
+        if self.validation_timesteps < 1 or self.validation_candidates < 2:
+            raise UserError("--validation_timesteps must be at least 1 and --validation_candidates at least 2")
         if self.sample_prompts and not (self.sample_every_n_steps or self.sample_every_n_epochs):
             raise UserError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs")
         if self.log_with in ("tensorboard", "all") and not self.logging_dir:

@@ -219,3 +219,17 @@ def test_sample_prompt_errors_come_first(tmp_path, prepared_dataset):
     with pytest.raises(UserError, match=r"p\.txt:1: .*multiples of 8"):
         train_pfg.main(["--pretrained_model_name_or_path", "missing", "--dataset_config", str(prepared_dataset),
                         "--sample_prompts", str(prompts), "--sample_every_n_steps", "1"])
+
+
+def test_validation_split_logs_loss_and_conditioning_gain(tiny_sd1, prepared_dataset, tmp_path, capsys):
+    _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "2", "--pfg_num_tokens", "2",
+           "--validation_split", "0.2", "--validation_every_n_steps", "1", "--validation_timesteps", "2", "--validation_candidates", "3",
+           "--pfg_hidden_dim", "8", "--pfg_dropout", "0.5", "--noise_offset", "0.05", "--min_snr_gamma", "5",
+           "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--gradient_checkpointing")
+    out = capsys.readouterr().out
+    assert "29 images" in out and "7 held out for validation" in out
+    lines = [line for line in out.splitlines() if line.startswith("validation @ step")]
+    assert [line.split(":")[0] for line in lines] == ["validation @ step 1", "validation @ step 2"]
+    assert "conditioning gain" in lines[0] and "retrieval" in lines[0]
+    _, meta = load_pfg(tmp_path / "t-pfg.safetensors")
+    assert meta["pfg.head"] == "mlp" and meta["ss_num_train_images"] == "29"
