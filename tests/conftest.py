@@ -65,3 +65,11 @@ def prepared_dataset(kit_dir, demo_dataset, tiny_tagger) -> Path:
     )
     assert prepare_features.main(["--dataset_config", str(toml_path), "--tagger_model", str(tiny_tagger)]) in (0, None)
     return toml_path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(kit_dir) -> Path:
+    """Tiny SDXL-layout diffusers folder (text_time conditioning, two text encoders and tokenizers)."""
+    from tools.make_tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(kit_dir / "tiny-sdxl", variant="sdxl", seed=0)

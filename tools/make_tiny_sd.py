@@ -6,6 +6,11 @@ scheduler), only with narrow channels, so every code path that touches real SD1.
 (key names, LDM conversion, clip skip, v-prediction, padding) runs on CPU in milliseconds.
 
     python -m tools.make_tiny_sd --out tiny-sd1 --variant sd1 --seed 0
+
+`--variant sdxl` builds a StableDiffusionXLPipeline folder instead: the SDXL block layout
+(a plain first level, transformer depth growing with depth), "text_time" added conditioning,
+CLIP-L + bigG-style text encoders (the second with a projection, padding with "!") whose
+widths add up to the UNet's cross-attention width, and SDXL's Euler scheduler and VAE scale.
 """
 from __future__ import annotations
 
@@ -130,13 +135,94 @@ def build_scheduler(v: Variant):
     return diffusers.DDIMScheduler(clip_sample=False, **common)
 
 
+# SDXL (real: CLIP-L 768 + bigG 1280 = 2048, levels 320/640/1280 with 0/2/10 transformer layers,
+# 64-wide heads, 256-wide size/crop embeddings): the same shape rules at toy widths.
+SDXL_TEXT_HIDDEN = (32, 64)  # CLIP-L-like, bigG-like
+SDXL_UNET_CHANNELS = (32, 64, 64)
+SDXL_TRANSFORMER_LAYERS = (1, 1, 2)  # level 0 has none (DownBlock2D); more layers deeper down
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of the 6 size/crop numbers gets this width
+
+
+def build_sdxl_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=SAMPLE_SIZE,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=SDXL_UNET_CHANNELS,
+        layers_per_block=2,
+        norm_num_groups=8,
+        transformer_layers_per_block=SDXL_TRANSFORMER_LAYERS,
+        cross_attention_dim=sum(SDXL_TEXT_HIDDEN),
+        attention_head_dim=tuple(c // 16 for c in SDXL_UNET_CHANNELS),  # 16-wide heads
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        # pooled bigG embedding + 6 time ids, each embedded to SDXL_TIME_EMBED_DIM
+        projection_class_embeddings_input_dim=SDXL_TEXT_HIDDEN[1] + 6 * SDXL_TIME_EMBED_DIM,
+    )
+
+
+def build_sdxl_text_encoders(seed: int, pad_token_id_2: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(hidden: int, act: str, pad: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4, projection_dim=hidden,
+            num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, max_position_embeddings=77, hidden_act=act,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=pad,
+        )
+
+    torch.manual_seed(seed)
+    first = CLIPTextModel(config(SDXL_TEXT_HIDDEN[0], "quick_gelu", 49407))
+    torch.manual_seed(seed + 1)
+    second = CLIPTextModelWithProjection(config(SDXL_TEXT_HIDDEN[1], "gelu", pad_token_id_2))
+    return first, second
+
+
+def build_sdxl_scheduler():
+    import diffusers
+
+    # SDXL base's scheduler_config.json
+    return diffusers.EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        interpolation_type="linear", prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+        use_karras_sigmas=False,
+    )
+
+
+def build_sdxl_pipeline(seed: int = 0):
+    """The tiny StableDiffusionXLPipeline in memory."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tok_dir, tempfile.TemporaryDirectory() as tok_dir_2:
+        write_clip_tokenizer_files(Path(tok_dir), pad_token="<|endoftext|>")
+        write_clip_tokenizer_files(Path(tok_dir_2), pad_token="!")
+        tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir), CLIPTokenizer.from_pretrained(tok_dir_2)
+    text_encoder, text_encoder_2 = build_sdxl_text_encoders(seed, tokenizer_2.pad_token_id)
+    vae = build_vae(seed)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE scale; fp16-unsafe
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=build_sdxl_unet(seed), scheduler=build_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 def build_pipeline(variant: str = "sd1", seed: int = 0):
-    """The tiny StableDiffusionPipeline in memory (each model seeded on its own)."""
+    """The tiny StableDiffusionPipeline (or XL pipeline) in memory (each model seeded on its own)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
+    if variant == "sdxl":
+        return build_sdxl_pipeline(seed)
     if variant not in VARIANTS:
-        raise UserError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        raise UserError(f"unknown variant {variant!r}; choose one of {', '.join([*VARIANTS, 'sdxl'])}")
     v = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer_files(Path(tok_dir), pad_token=v.pad_token)
@@ -161,7 +247,8 @@ def _is_complete(out_dir: Path, settings: dict) -> bool:
     marker = out_dir / MARKER
     if not marker.is_file() or json.loads(marker.read_text()) != settings:
         return False
-    return (out_dir / "model_index.json").is_file() and all((out_dir / c).is_dir() for c in COMPONENTS)
+    components = COMPONENTS + (("text_encoder_2", "tokenizer_2") if settings["variant"] == "sdxl" else ())
+    return (out_dir / "model_index.json").is_file() and all((out_dir / c).is_dir() for c in components)
 
 
 def build_tiny_sd(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
@@ -179,7 +266,12 @@ def build_tiny_sd(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
         # Real SD folders ship vocab.json + merges.txt (no tokenizer.json); keep that layout so
         # the loading path users hit is the one the tests exercise.
         shutil.rmtree(tmp / "tokenizer")
-        write_clip_tokenizer_files(tmp / "tokenizer", pad_token=VARIANTS[variant].pad_token)
+        if variant == "sdxl":
+            write_clip_tokenizer_files(tmp / "tokenizer", pad_token="<|endoftext|>")
+            shutil.rmtree(tmp / "tokenizer_2")
+            write_clip_tokenizer_files(tmp / "tokenizer_2", pad_token="!")
+        else:
+            write_clip_tokenizer_files(tmp / "tokenizer", pad_token=VARIANTS[variant].pad_token)
         (tmp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")  # last: marks it complete
     return out_dir
 
@@ -187,7 +279,7 @@ def build_tiny_sd(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write (diffusers layout)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="sd1")
+    parser.add_argument("--variant", choices=sorted([*VARIANTS, "sdxl"]), default="sd1")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     path = build_tiny_sd(args.out, args.variant, args.seed)
