@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers(settings.output_name, config={k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
     if accelerator.is_main_process:
         (output_dir / f"{settings.output_name}-settings.toml").write_text(settings_to_toml(settings))
-    accelerator.print(f"training {settings.train_unet!r}: {total_steps} steps, {len(items)} images, "
+    accelerator.print(f"training {settings.train_unet!r} on {accelerator.num_processes} process(es): {total_steps} steps, {len(items)} images, "
                       f"{math.ceil(total_steps / max(1, loop.steps_per_epoch()))} epochs")
 
     # 5. Train and save.

@@ -233,3 +233,19 @@ def test_validation_split_logs_loss_and_conditioning_gain(tiny_sd1, prepared_dat
     assert "conditioning gain" in lines[0] and "retrieval" in lines[0]
     _, meta = load_pfg(tmp_path / "t-pfg.safetensors")
     assert meta["pfg.head"] == "mlp" and meta["ss_num_train_images"] == "29"
+
+
+def test_two_process_ddp_on_cpu(tiny_sd1, prepared_dataset, tmp_path):
+    """Multi-process data parallel (gloo on CPU): batches are split, outputs written once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train_pfg.py",
+        "--pretrained_model_name_or_path", str(tiny_sd1), "--dataset_config", str(prepared_dataset),
+        "--output_dir", str(tmp_path), "--output_name", "ddp", "--train_unet", "full",
+        "--max_train_steps", "2", "--pfg_num_tokens", "1", "--save_state", "--validation_split", "0.2",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+    assert result.stdout.count("validation @ step 2") == 1  # the main process alone validates and prints
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp-pfg.safetensors", "ddp-settings.toml", "ddp-state", "ddp.safetensors"]
