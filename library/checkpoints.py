@@ -346,18 +346,20 @@ def _hints(metadata: Mapping[str, str], config_dir: Path | None) -> dict[str, di
 
 
 def load_single_file(path: str | Path, v_prediction: bool | None = None, dtype: torch.dtype | None = torch.float32,
-                     config_dir: str | Path | None = None) -> LoadedModel:
+                     config_dir: str | Path | None = None,
+                     state: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None) -> LoadedModel:
     """Build (unet, vae, text_encoder, tokenizer, scheduler, info) from an LDM-layout single file, offline.
 
     `v_prediction` (the user's flag) beats the file's metadata, which beats the default guess
     (epsilon for SD1.x, v-prediction for SD2.x). `config_dir` (a diffusers folder) overrides the
     configs embedded in the file for what the tensor shapes cannot tell (head counts, norm groups).
-    `dtype` casts floating-point weights (None keeps the file's).
+    `dtype` casts floating-point weights (None keeps the file's). `state` is the file's
+    `read_state_dict` result when the caller already read it.
     """
     import diffusers
 
     path = Path(path)
-    raw, metadata = read_state_dict(path)
+    raw, metadata = state if state is not None else read_state_dict(path)
     sd = _normalize_keys(raw)
     variant = detect_architecture(sd, str(path))
     if not any(k.startswith("cond_stage_model.") for k in sd):

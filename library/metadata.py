@@ -20,7 +20,8 @@ from safetensors.torch import save as save_to_bytes
 from library.errors import UserError, run_cli
 
 MODELSPEC_VERSION = "1.0.0"
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sd2-eps": "stable-diffusion-v2-512"}
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sd2-eps": "stable-diffusion-v2-512",
+                 "sdxl": "stable-diffusion-xl-v1-base"}
 
 
 def modelspec(variant: str, v_prediction: bool, kind: str, title: str, resolution: tuple[int, int]) -> dict[str, str]:

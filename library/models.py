@@ -18,7 +18,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 @dataclass
 class SDModel:
-    """The pieces of an SD1.x/SD2.x model the trainer and the sampler need."""
+    """The pieces of an SD1.x/SD2.x/SDXL model the trainer and the sampler need."""
 
     tokenizer: object  # transformers CLIPTokenizer
     text_encoder: torch.nn.Module
@@ -26,7 +26,13 @@ class SDModel:
     vae: torch.nn.Module
     scheduler_config: dict  # the training noise schedule (betas, prediction type)
     source: str  # what the user passed, for metadata
-    variant: str  # "sd1" | "sd2"
+    variant: str  # "sd1" | "sd2" | "sdxl"
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: OpenCLIP bigG (CLIPTextModelWithProjection)
+    tokenizer_2: object = None  # SDXL: bigG's tokenizer (pads with "!")
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.variant == "sdxl"
 
     @property
     def v_prediction(self) -> bool:
@@ -48,9 +54,11 @@ def _variant_from_text_encoder(text_encoder) -> str:
 
 def _load_diffusers_folder(folder: Path, source: str) -> SDModel:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
+    sdxl = (folder / "text_encoder_2").is_dir()  # the StableDiffusionXLPipeline layout
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("tokenizer_2",) if sdxl else ())
+    missing = [sub for sub in parts if not (folder / sub).is_dir()]
     if missing:
         raise UserError(f"{folder}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
     try:
@@ -59,15 +67,25 @@ def _load_diffusers_folder(folder: Path, source: str) -> SDModel:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         vae = AutoencoderKL.from_pretrained(folder / "vae")
         scheduler_config = dict(DDPMScheduler.load_config(folder / "scheduler"))
+        if sdxl:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}: cannot load the model ({e})") from None
+    if sdxl:
+        return SDModel(tokenizer, text_encoder, unet, vae, scheduler_config, source, "sdxl", text_encoder_2, tokenizer_2)
     return SDModel(tokenizer, text_encoder, unet, vae, scheduler_config, source, _variant_from_text_encoder(text_encoder))
 
 
 def _load_single_file(path: Path, v_prediction: bool | None) -> SDModel:
-    from library.checkpoints import load_single_file
+    from library.checkpoints import load_single_file, read_state_dict
+    from library.sdxl_checkpoint import is_sdxl_state_dict, load_sdxl_single_file
 
-    unet, vae, text_encoder, tokenizer, scheduler, info = load_single_file(path, v_prediction=v_prediction)
+    state = read_state_dict(path)  # read once: the architecture is told from the tensors
+    if is_sdxl_state_dict(state[0]):
+        unet, vae, te, te2, tok, tok2, scheduler, _ = load_sdxl_single_file(*state, path, v_prediction=v_prediction)
+        return SDModel(tok, te, unet, vae, dict(scheduler.config), str(path), "sdxl", te2, tok2)
+    unet, vae, text_encoder, tokenizer, scheduler, info = load_single_file(path, v_prediction=v_prediction, state=state)
     return SDModel(tokenizer, text_encoder, unet, vae, dict(scheduler.config), str(path), info.architecture)
 
 
@@ -83,7 +101,7 @@ def _download(repo_id: str) -> Path:
 
 
 def load_sd_model(name_or_path: str, v_prediction: bool | None = None) -> SDModel:
-    """Load SD1.x/SD2.x; `v_prediction` (the user's flag) overrides what the files say."""
+    """Load SD1.x/SD2.x/SDXL; `v_prediction` (the user's flag) overrides what the files say."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         model = _load_diffusers_folder(path, name_or_path)

@@ -78,10 +78,18 @@ class OutputWriter:
         # The model's own scheduler class and config (it carries the prediction type).
         config = self.model.scheduler_config
         scheduler = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler).from_config(config)
+        path = self.output_dir / f"{name}.{self.save_model_as}"
+        if self.model.is_sdxl:
+            from library.sdxl_checkpoint import save_sdxl_diffusers, save_sdxl_single_file
+
+            m = self.model
+            if self.save_model_as == "diffusers":
+                return save_sdxl_diffusers(self.output_dir / name, unet, m.vae, m.text_encoder, m.text_encoder_2,
+                                           m.tokenizer, m.tokenizer_2, scheduler, dtype)
+            return save_sdxl_single_file(path, unet, m.vae, m.text_encoder, m.text_encoder_2, dtype, metadata, scheduler)
         if self.save_model_as == "diffusers":
             return save_diffusers(self.output_dir / name, unet, self.model.vae, self.model.text_encoder,
                                   self.model.tokenizer, scheduler, dtype)
-        path = self.output_dir / f"{name}.{self.save_model_as}"
         return save_single_file(path, unet, self.model.vae, self.model.text_encoder, self.model.variant, dtype, metadata, scheduler)
 
     def rotate(self, written: list[Path]) -> None:

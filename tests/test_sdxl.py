@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import torch
 
 
@@ -22,3 +24,62 @@ def test_tiny_sdxl_kit_is_an_sdxl_pipeline(tiny_sdxl):
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="pt").images
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def _unet_inputs(unet, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    config = unet.config
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": torch.randn(1, pooled, generator=g), "time_ids": torch.tensor([[96.0, 80, 8, 0, 64, 64]])}
+    return torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 9, config.cross_attention_dim, generator=g), added
+
+
+@torch.no_grad()
+def _unet_out(unet, seed: int = 0) -> torch.Tensor:
+    latents, context, added = _unet_inputs(unet, seed)
+    return unet(latents, torch.tensor([500]), context, added_cond_kwargs=added).sample
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(tiny_sdxl):
+    from library.models import load_sd_model
+
+    return load_sd_model(str(tiny_sdxl))
+
+
+def test_single_file_round_trip(tiny_sdxl, sdxl_model, tmp_path):
+    """Our export -> our loader and diffusers from_single_file give the identical UNet (and text encoders)."""
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    from library.models import load_sd_model
+    from library.sdxl_checkpoint import save_sdxl_single_file
+
+    m = sdxl_model
+    assert m.variant == "sdxl" and m.cross_attention_dim == 96 and m.tokenizer_2.pad_token == "!"
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(m.scheduler_config)
+    path = save_sdxl_single_file(tmp_path / "xl.safetensors", m.unet, m.vae, m.text_encoder, m.text_encoder_2, scheduler=scheduler)
+    keys = load_file(str(path)).keys()
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys and "model.diffusion_model.input_blocks.4.1.proj_in.weight" in keys
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight" in keys
+    assert "conditioner.embedders.1.model.text_projection" in keys and "first_stage_model.decoder.conv_out.weight" in keys
+
+    expected = _unet_out(m.unet)
+    ours = load_sd_model(str(path))
+    assert ours.variant == "sdxl" and torch.equal(_unet_out(ours.unet), expected)
+    ids = torch.randint(0, 49406, (1, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ours.text_encoder_2(ids).text_embeds, m.text_encoder_2(ids).text_embeds)
+    theirs = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl), local_files_only=True)
+    assert torch.equal(_unet_out(theirs.unet), expected)
+    with torch.no_grad():
+        assert torch.equal(theirs.text_encoder_2(ids).text_embeds, m.text_encoder_2(ids).text_embeds)
+        assert torch.equal(theirs.text_encoder(ids).last_hidden_state, m.text_encoder(ids).last_hidden_state)
+
+    # A file made elsewhere (no embedded configs) builds from the tensor shapes alone.
+    save_file(dict(load_file(str(path))), str(tmp_path / "foreign.safetensors"))
+    foreign = load_sd_model(str(tmp_path / "foreign.safetensors"))
+    assert list(foreign.unet.config.transformer_layers_per_block) == [1, 1, 2]
+    assert foreign.unet.config.addition_time_embed_dim == 8 and foreign.vae.config.scaling_factor == 0.13025
+    assert foreign.text_encoder_2.config.num_hidden_layers == 4 and not foreign.v_prediction
