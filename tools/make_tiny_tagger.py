@@ -53,6 +53,8 @@ class TaggerConfig:
 FAMILIES: dict[str, dict] = {
     "vit-v2": {},
     "nchw-1024": dict(image_size=384, embed_dim=1024, layout="NCHW", input_name="input", output_name="output"),
+    # wd-v1-4-vit-tagger-v2's size (ViT-B/16 at 448, random weights): for benchmarks, not tests
+    "vit-b-v2": dict(patch_size=16, width=768, depth=12, heads=12, num_tags=9083),
 }
 
 RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
