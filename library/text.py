@@ -217,18 +217,7 @@ class PromptEncoder:
         b, n, length = chunks.ids.shape
         z = self.hidden_states(chunks.ids.reshape(b * n, length)).reshape(b, n, length, -1)
         if weighted:
-            # A1111 "Original" emphasis: scale each token's state by its weight, then restore
-            # the chunk's mean. Per prompt (not per batch) so batch mates do not interact.
-            zf = z.float()
-            w = chunks.weights.to(zf.device)[..., None]
-            before = zf.mean(dim=(-2, -1), keepdim=True)
-            zf = zf * w
-            after = zf.mean(dim=(-2, -1), keepdim=True)
-            # A mean of ~0 (e.g. a final layer norm without bias) makes the ratio meaningless:
-            # keep the weighted states as they are rather than divide by zero.
-            ratio = torch.where(after.abs() > 1e-6, before / after, torch.ones_like(after))
-            zf = zf * ratio
-            z = zf.to(z.dtype)
+            z = apply_emphasis(z, chunks.weights)
         return z.reshape(b, n * length, -1)
 
     def encode(self, prompts: list[str], weighted: bool = False, num_chunks: int | None = None) -> torch.Tensor:
@@ -238,6 +227,20 @@ class PromptEncoder:
         as plain text (training captions). `num_chunks` as in `tokenize`.
         """
         return self.encode_tokens(self.tokenize(prompts, weighted, num_chunks), weighted)
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "Original" emphasis on (B, n, 77, C) states: scale each token's state by its weight,
+    then restore each chunk's mean. Per prompt (not per batch) so batch mates do not interact."""
+    zf = z.float()
+    w = weights.to(zf.device)[..., None]
+    before = zf.mean(dim=(-2, -1), keepdim=True)
+    zf = zf * w
+    after = zf.mean(dim=(-2, -1), keepdim=True)
+    # A mean of ~0 (e.g. a final layer norm without bias) makes the ratio meaningless:
+    # keep the weighted states as they are rather than divide by zero.
+    ratio = torch.where(after.abs() > 1e-6, before / after, torch.ones_like(after))
+    return (zf * ratio).to(z.dtype)
 
 
 def last_token_states(states: torch.Tensor) -> torch.Tensor:

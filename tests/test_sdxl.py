@@ -83,3 +83,27 @@ def test_single_file_round_trip(tiny_sdxl, sdxl_model, tmp_path):
     assert list(foreign.unet.config.transformer_layers_per_block) == [1, 1, 2]
     assert foreign.unet.config.addition_time_embed_dim == 8 and foreign.vae.config.scaling_factor == 0.13025
     assert foreign.text_encoder_2.config.num_hidden_layers == 4 and not foreign.v_prediction
+
+
+def test_text_states_and_pooled_match_diffusers(tiny_sdxl, sdxl_model):
+    """Penultimate layers of both encoders, concatenated; bigG's pooled vector; 75-token chunks."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from library.text_sdxl import SDXLPromptEncoder, make_prompt_encoder
+
+    encoder = make_prompt_encoder(sdxl_model)
+    assert isinstance(encoder, SDXLPromptEncoder) and encoder.width == 96 and encoder.pooled_width == 64
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    with torch.no_grad():
+        expected, _, pooled, _ = pipe.encode_prompt("a cat, sitting", do_classifier_free_guidance=False)
+        states, ours_pooled = encoder.encode_pooled(["a cat, sitting"], weighted=True)
+    assert torch.equal(states, expected) and torch.equal(ours_pooled, pooled)
+    # bigG sees the same chunks padded with "!" after EOS
+    ids = encoder.tokenize(["a cat"]).ids[0]
+    assert ids[0, 4:].eq(encoder.eos).all() and encoder._ids_2(ids)[0, 4:].eq(0).all() and encoder._ids_2(ids)[0, 3] == encoder.eos
+    # --max_token_length 225: three chunks for both encoders; the pooled vector is the first chunk's
+    long = make_prompt_encoder(sdxl_model, max_token_length=225)
+    with torch.no_grad():
+        states, long_pooled = long.encode_pooled(["a cat, sitting"])
+    assert states.shape == (1, 231, 96) and torch.allclose(long_pooled, pooled, atol=1e-6)
+    assert torch.allclose(states[:, :77], expected, atol=1e-6)
