@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from library.models import load_sd_model
     from library.optim import build_optimizer
     from library.saving import OutputWriter
-    from library.text import PromptEncoder
+    from library.text_sdxl import make_prompt_encoder
     from library.train_loop import LoopOptions, TrainLoop
     from library.train_setup import build_adapter, check_output_dir, parameter_groups, prepare_sd_model
-    from library.trainer import PFGTrainer, StepOptions
+    from library.trainer import StepOptions
+    from library.trainer_sdxl import make_trainer
 
     output_dir = check_output_dir(settings)
     accelerator = Accelerator(
@@ -81,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         latents = cache_latents(jobs, model.vae.to(accelerator.device), to_disk=settings.cache_latents_to_disk,
                                 progress=accelerator.is_local_main_process)
     prepare_sd_model(model, settings, accelerator.device)
-    adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device)
-    prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, settings.max_token_length, settings.clip_skip)
+    if settings.pfg_pooled and not model.is_sdxl:
+        raise UserError(f"--pfg_pooled needs an SDXL model; {settings.pretrained_model_name_or_path} is {model.variant}")
+    prompt_encoder = make_prompt_encoder(model, settings.max_token_length, settings.clip_skip)
+    pooled_dim = prompt_encoder.pooled_width if settings.pfg_pooled else 0
+    adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device, pooled_dim)
     dataset = PFGDataset(items, features, latents)
 
     # 4. Optimizer, schedule, and accelerate's wrapping of what trains.
     trained = [adapter] + ([model.unet] if settings.train_unet != "none" else [])  # full or lora
     optimizer = build_optimizer(settings.optimizer_type, parameter_groups(settings, adapter, model.unet), settings.optimizer_args)
-    trainer = PFGTrainer(model, adapter, prompt_encoder, StepOptions(settings.noise_offset, settings.min_snr_gamma, settings.pfg_dropout, settings.uncond))
+    trainer = make_trainer(model, adapter, prompt_encoder, StepOptions(settings.noise_offset, settings.min_snr_gamma, settings.pfg_dropout, settings.uncond))
     batch_sizes = [d.batch_size for d in dataset_config.datasets]
     options = LoopOptions(
         settings.max_train_steps, settings.max_train_epochs, settings.seed, settings.max_grad_norm,
@@ -154,7 +158,7 @@ def split_validation(items, features, settings):
 def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_out_features, output_dir) -> list:
     """Training samples and validation, each over the weights as they are at that moment
     (unwrapped from DDP, so the main process can run them alone)."""
-    from library.trainer import PFGTrainer
+    from library.trainer_sdxl import make_trainer
 
     model = trainer.model
 
@@ -180,7 +184,7 @@ def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_
         samples = load_eval_samples(held_out, held_out_features, model.vae)
         hooks.append(TrainingValidation(
             samples, settings.validation_every_n_steps, accelerator,
-            lambda: PFGTrainer(current_model(), accelerator.unwrap_model(trainer.adapter), trainer.prompt_encoder, trainer.options),
+            lambda: make_trainer(current_model(), accelerator.unwrap_model(trainer.adapter), trainer.prompt_encoder, trainer.options),
             settings.validation_timesteps, settings.validation_candidates, settings.seed,
         ))
     return hooks

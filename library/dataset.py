@@ -23,6 +23,7 @@ from library.errors import UserError
 from library.features import feature_cache_path, read_encoder_id, read_feature
 from library.images import ImageLoadError, list_images
 from library.latents import bucket_pixels, latent_cache_path
+from library.text_sdxl import time_ids
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,16 @@ def load_features(items: list[TrainItem]) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(np.stack(vectors)), next(iter(encoders))
 
 
+def sdxl_time_ids(item: TrainItem, flip: bool = False) -> torch.Tensor:
+    """SDXL's size/crop conditioning of one sample (library.text_sdxl.time_ids); a mirrored image
+    was cropped from the other side, so its left margin is the crop's right margin (as kohya)."""
+    left, top, right, bottom = item.assignment.crop_ltrb
+    if flip:
+        width = item.assignment.resized_size[0]
+        left, right = width - right, width - left
+    return torch.tensor(time_ids(item.original_size, (left, top, right, bottom), item.assignment.bucket))
+
+
 def bucket_counts(items: list[TrainItem]) -> Counter:
     return Counter(item.assignment.bucket for item in items)
 
@@ -128,7 +139,7 @@ class PFGDataset(torch.utils.data.Dataset):
         flip = item.subset.flip_aug and rng.random() < 0.5
         subset = item.subset
         caption = process_caption(item.caption, subset.shuffle_caption, subset.keep_tokens, subset.caption_dropout_rate, rng)
-        sample = {"caption": caption, "feature": self.features[index], "index": index}
+        sample = {"caption": caption, "feature": self.features[index], "index": index, "time_ids": sdxl_time_ids(item, flip)}
         if index in self.latents:
             latents, flipped = self.latents[index]
             sample["latents"] = flipped if flip else latents
@@ -142,6 +153,7 @@ def collate(samples: list[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "features": torch.stack([s["feature"] for s in samples]),
         "indices": torch.tensor([s["index"] for s in samples]),
+        "time_ids": torch.stack([s["time_ids"] for s in samples]),
     }
     key = "latents" if "latents" in samples[0] else "pixels"
     if any(key not in s for s in samples):

@@ -16,6 +16,13 @@ kohya files made elsewhere load the same way, layer by layer with their own rank
 (`load_kohya_lora`). diffusers' `load_lora_weights` reads them too, but (0.42.1) gives attention
 layers the file's most common alpha instead of their own, and under transformers 5 loads the
 text-encoder layers partly or with the wrong alpha.
+
+SDXL is the exception in naming: kohya trains SDXL LoRAs on Stability's original UNet, so its
+names follow that layout (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+`lora_unet_middle_block_1_...`, `lora_unet_output_blocks_2_2_conv`), which A1111 and ComfyUI
+expect and diffusers maps back. `module_names` gives those names from the single-file key map
+(`library.ldm_keys.unet_key_map`), so the layers chosen are the same, only named as kohya does.
+SDXL text-encoder layers are `lora_te1_*` (CLIP-L) and `lora_te2_*` (bigG).
 """
 from __future__ import annotations
 
@@ -61,6 +68,27 @@ def kohya_name(module_path: str, prefix: str = PREFIX_UNET) -> str:
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def _layer_paths(root: torch.nn.Module) -> list[str]:
+    """Module paths of every Linear/Conv2d, as the plain model names them (peft's wrappers removed)."""
+    return [path.removesuffix(".base_layer") for path, module in root.named_modules()
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in path]
+
+
+def module_names(unet: torch.nn.Module) -> dict[str, str]:
+    """diffusers module path -> kohya layer name of every LoRA-able UNet layer (SGM names for SDXL)."""
+    paths = _layer_paths(unet)
+    if not is_sdxl_unet(unet):
+        return {path: kohya_name(path) for path in paths}
+    from library.ldm_keys import unet_key_map
+
+    ldm = unet_key_map([f"{path}.weight" for path in paths])
+    return {path: kohya_name(ldm[f"{path}.weight"].removesuffix(".weight")) for path in paths}
+
+
 def _is_pointwise(module: torch.nn.Module) -> bool:
     """Linear or 1x1 conv: the layers that take the main rank."""
     if isinstance(module, torch.nn.Linear):
@@ -90,22 +118,18 @@ def layer_names(root: torch.nn.Module, prefix: str) -> dict[str, str]:
     """kohya name -> module path, for every Linear/Conv2d a LoRA file could address. A layer that
     already carries a peft LoRA (an earlier file) keeps its own name; peft's adapter layers are
     not addressable."""
-    names = {}
-    for path, module in root.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in path:
-            continue
-        path = path.removesuffix(".base_layer")
-        names[kohya_name(path, prefix)] = path
-    return names
+    if prefix == PREFIX_UNET:
+        return {name: path for path, name in module_names(root).items()}
+    return {kohya_name(path, prefix): path for path in _layer_paths(root)}
 
 
-def text_encoder_layer_names(text_encoder: torch.nn.Module) -> dict[str, str]:
+def text_encoder_layer_names(text_encoder: torch.nn.Module, prefix: str = PREFIX_TEXT_ENCODER) -> dict[str, str]:
     """kohya name -> module path in the CLIP text encoder. kohya names layers by transformers 4's
     paths (`text_model.encoder.layers...`); transformers 5's CLIPTextModel has no `text_model` level."""
     names = {}
-    for name, path in layer_names(text_encoder, PREFIX_TEXT_ENCODER).items():
+    for name, path in layer_names(text_encoder, prefix).items():
         if not path.startswith("text_model."):
-            name = kohya_name(f"text_model.{path}", PREFIX_TEXT_ENCODER)
+            name = kohya_name(f"text_model.{path}", prefix)
         names[name] = path
     return names
 
@@ -155,8 +179,9 @@ def _lora_layers(root: torch.nn.Module, adapter_name: str = ADAPTER) -> dict[str
 def lora_state_dict(unet: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The injected LoRA as kohya tensors: lora_down/lora_up weights and alpha per layer."""
     tensors: dict[str, torch.Tensor] = {}
+    names = module_names(unet)
     for path, layer in _lora_layers(unet).items():
-        name = kohya_name(path)
+        name = names[path]
         tensors[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(layer.lora_alpha[ADAPTER])).to(dtype)
@@ -281,11 +306,18 @@ def load_lora_weights_into(root: torch.nn.Module, weights: dict[str, dict[str, t
                 part.weight.copy_(parts[key].reshape(part.weight.shape))
 
 
-def load_kohya_lora(path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module, adapter_name: str) -> None:
+def load_kohya_lora(path: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module, adapter_name: str,
+                    text_encoder_2: torch.nn.Module | None = None) -> None:
     """A kohya LoRA file (UNet and text encoder layers) as peft adapter `adapter_name`, with
-    every layer's own rank and alpha. Unknown layers and wrong shapes fail naming the file."""
+    every layer's own rank and alpha. Unknown layers and wrong shapes fail naming the file.
+    With `text_encoder_2` (SDXL) the text layers are kohya's `lora_te1_*` and `lora_te2_*`."""
     layers = _group(_read_tensors(path))
-    parts = [(PREFIX_UNET, unet, layer_names(unet, PREFIX_UNET)), (PREFIX_TEXT_ENCODER, text_encoder, text_encoder_layer_names(text_encoder))]
+    parts = [(PREFIX_UNET, unet, layer_names(unet, PREFIX_UNET))]
+    if text_encoder_2 is None:
+        parts.append((PREFIX_TEXT_ENCODER, text_encoder, text_encoder_layer_names(text_encoder)))
+    else:
+        parts += [(f"{PREFIX_TEXT_ENCODER}1", text_encoder, text_encoder_layer_names(text_encoder, f"{PREFIX_TEXT_ENCODER}1")),
+                  (f"{PREFIX_TEXT_ENCODER}2", text_encoder_2, text_encoder_layer_names(text_encoder_2, f"{PREFIX_TEXT_ENCODER}2"))]
     unknown = [name for name in layers if not any(name in names for _, _, names in parts)]
     if unknown:
         raise _unknown_layers_error(path, unknown, len(layers))

@@ -150,19 +150,26 @@ def apply_lora_files(model: SDModel, files: list[str], multipliers: list[float])
     names = [f"lora{index}" for index in range(len(files))]
     for name, file in zip(names, files):
         if is_kohya_file(file):
-            load_kohya_lora(file, model.unet, model.text_encoder, name)
+            load_kohya_lora(file, model.unet, model.text_encoder, name, model.text_encoder_2)
         else:
             _load_diffusers_lora(model, file, name)
-    set_multipliers([model.unet, model.text_encoder], dict(zip(names, multipliers or [1.0] * len(names))))
+    roots = [m for m in (model.unet, model.text_encoder, model.text_encoder_2) if m is not None]
+    set_multipliers(roots, dict(zip(names, multipliers or [1.0] * len(names))))
 
 
 def _load_diffusers_lora(model: SDModel, file: str, name: str) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    if model.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=None,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     try:
         pipe.load_lora_weights(file, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, OSError) as e:

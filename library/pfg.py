@@ -4,6 +4,11 @@
 is rows i*C ... (i+1)*C. This is the layout the original PFG scripts and the A1111/ComfyUI
 loaders use, so files move between tools unchanged. The MLP variant (`--pfg_hidden_dim > 0`)
 stores `pfg_mlp.0.*` and `pfg_mlp.2.*` instead and says so in the metadata (`pfg.head`).
+
+SDXL's `--pfg_pooled` adds `pfg_pooled.weight` (P, D) and `pfg_pooled.bias` (P): a Linear whose
+output, times pfg_scale, is added to the pooled text embedding the UNet takes beside the tokens
+(`text_embeds`). It starts at zero, so training begins from the base model's pooled conditioning;
+the metadata says `pfg.pooled` = P (0 when absent). Loaders that know only the tokens ignore it.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class PFGShape:
     input_dim: int  # D: the image encoder's vector width
     cross_attention_dim: int  # C: the UNet's context width
     hidden_dim: int = 0  # 0: the original single Linear; >0: Linear -> GELU -> Linear
+    pooled_dim: int = 0  # SDXL --pfg_pooled: width P of the vector added to the pooled text embedding
 
 
 class PFGAdapter(torch.nn.Module):
@@ -41,6 +47,10 @@ class PFGAdapter(torch.nn.Module):
             )
         else:
             self.pfg_linear = torch.nn.Linear(shape.input_dim, out)
+        if shape.pooled_dim > 0:
+            self.pfg_pooled = torch.nn.Linear(shape.input_dim, shape.pooled_dim)
+            torch.nn.init.zeros_(self.pfg_pooled.weight)
+            torch.nn.init.zeros_(self.pfg_pooled.bias)
 
     def forward(self, features: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
         head = self.pfg_mlp if self.shape.hidden_dim > 0 else self.pfg_linear
@@ -50,6 +60,16 @@ class PFGAdapter(torch.nn.Module):
         if isinstance(scale, torch.Tensor):  # per-sample scale, e.g. PFG dropout
             scale = scale.to(tokens).reshape(-1, 1, 1)
         return tokens * scale
+
+    def pooled(self, features: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor | None:
+        """(B, P) addition to SDXL's pooled text embedding, or None without `--pfg_pooled`."""
+        if self.shape.pooled_dim <= 0:
+            return None
+        param = self.pfg_pooled.weight
+        vector = self.pfg_pooled(features.to(device=param.device, dtype=param.dtype))
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(vector).reshape(-1, 1)
+        return vector * scale
 
 
 def append_tokens(text_states: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
@@ -109,7 +129,8 @@ def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_token
         raise UserError(f"{where}: the token count is unknown; pass --pfg_num_tokens")
     if out_dim % num_tokens:
         raise UserError(f"{where}: output width {out_dim} is not divisible by {num_tokens} tokens")
-    return PFGShape(num_tokens, input_dim, out_dim // num_tokens, hidden)
+    pooled = int(state["pfg_pooled.weight"].shape[0]) if "pfg_pooled.weight" in state else 0
+    return PFGShape(num_tokens, input_dim, out_dim // num_tokens, hidden, pooled)
 
 
 def _guess_num_tokens(out_dim: int, cross_attention_dim: int | None) -> int | None:
@@ -187,6 +208,7 @@ def pfg_metadata(shape: PFGShape, encoder_id: str) -> dict[str, str]:
         "pfg.cross_attention_dim": str(shape.cross_attention_dim),
         "pfg.head": "mlp" if shape.hidden_dim > 0 else "linear",
         "pfg.hidden_dim": str(shape.hidden_dim),
+        "pfg.pooled": str(shape.pooled_dim),
         "pfg.encoder": encoder_id,
     }
 

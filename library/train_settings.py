@@ -11,7 +11,7 @@ from library.errors import UserError
 @dataclass(frozen=True)
 class TrainSettings:
     # model and data
-    pretrained_model_name_or_path: str = setting("", "SD1.x/SD2.x diffusers folder, single-file checkpoint or hub id")
+    pretrained_model_name_or_path: str = setting("", "SD1.x/SD2.x/SDXL diffusers folder, single-file checkpoint or hub id")
     dataset_config: str = setting("", "kohya-style dataset TOML")
     train_data_dir: str = setting("", "a folder of images, when no dataset TOML is given")
     tagger_model: str = setting("", "image encoder used to compute missing feature caches (WD tagger folder/.onnx/hub id)")
@@ -29,6 +29,7 @@ class TrainSettings:
     pfg_num_tokens: int = setting(10, "number of PFG tokens N appended to the text states")
     pfg_hidden_dim: int = setting(0, "0: the original single Linear; >0: Linear -> GELU -> Linear with this width")
     pfg_dropout: float = setting(0.0, "probability of replacing a sample's PFG tokens by the unconditional padding")
+    pfg_pooled: bool = setting(False, "SDXL: the PFG head also learns a vector added to the pooled text embedding (starts at zero)")
     pfg_prompt: str = setting("illustration of *", "caption for images without a caption file or class_tokens")
     uncond: str = setting("zeros", "unconditional padding used by --pfg_dropout", choices=("zeros", "eos"))
     resume_pfg: str = setting("", "start from an existing PFG file (ours or an original .pt)")

@@ -20,10 +20,15 @@ def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.devi
     trains in fp32 (or bf16 with --full_bf16), or is frozen too with --train_unet none. With
     --train_unet lora the UNet is frozen in the autocast dtype and only its LoRA layers train."""
     frozen_dtype = PRECISION_DTYPES[settings.mixed_precision]
-    for module in (model.vae, model.text_encoder):
+    for module in (model.vae, model.text_encoder, model.text_encoder_2):
+        if module is None:  # text_encoder_2 exists only for SDXL
+            continue
         module.requires_grad_(False)
         module.eval()
-        move(module, device, frozen_dtype)
+        # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32; a fixed
+        # fp16-safe VAE (force_upcast false) follows the training precision.
+        fp32_vae = module is model.vae and getattr(module.config, "force_upcast", False) and frozen_dtype == torch.float16
+        move(module, device, torch.float32 if fp32_vae else frozen_dtype)
     train_unet = settings.train_unet == "full"
     model.unet.requires_grad_(train_unet)
     unet_dtype = torch.bfloat16 if settings.full_bf16 else (torch.float32 if train_unet else frozen_dtype)
@@ -41,15 +46,17 @@ def lora_shape(settings: TrainSettings) -> LoraShape:
     return LoraShape(settings.network_dim, settings.network_alpha, settings.network_conv_dim, settings.network_conv_alpha)
 
 
-def build_adapter(settings: TrainSettings, input_dim: int, cross_attention_dim: int, device: torch.device) -> PFGAdapter:
-    """A fresh PFG head, or the one in --resume_pfg (checked against the encoder and the UNet)."""
+def build_adapter(settings: TrainSettings, input_dim: int, cross_attention_dim: int, device: torch.device,
+                  pooled_dim: int = 0) -> PFGAdapter:
+    """A fresh PFG head, or the one in --resume_pfg (checked against the encoder and the UNet).
+    `pooled_dim` > 0 (SDXL with --pfg_pooled) adds the pooled-embedding output."""
     if settings.resume_pfg:
         adapter, _ = load_pfg(settings.resume_pfg, cross_attention_dim)
         check_compatible(adapter, settings.resume_pfg, input_dim, cross_attention_dim)
         if adapter.shape.num_tokens != settings.pfg_num_tokens:
             print(f"--resume_pfg has {adapter.shape.num_tokens} tokens; using that instead of --pfg_num_tokens {settings.pfg_num_tokens}")
     else:
-        adapter = PFGAdapter(PFGShape(settings.pfg_num_tokens, input_dim, cross_attention_dim, settings.pfg_hidden_dim))
+        adapter = PFGAdapter(PFGShape(settings.pfg_num_tokens, input_dim, cross_attention_dim, settings.pfg_hidden_dim, pooled_dim))
     dtype = torch.bfloat16 if settings.full_bf16 else torch.float32
     return adapter.to(device, dtype=dtype)
 

@@ -59,20 +59,31 @@ class PFGTrainer:
                     self._text_cache.popitem(last=False)
         return torch.stack([self._text_cache[c] for c in captions])
 
-    def pfg_tokens(self, features: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
+    def dropout_mask(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """Which samples see the unconditional padding instead of their PFG tokens (--pfg_dropout)."""
+        if self.options.pfg_dropout <= 0:
+            return None
+        return torch.rand(batch_size, device=device) < self.options.pfg_dropout
+
+    def pfg_tokens(self, features: torch.Tensor, text_states: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.adapter(features)
-        if self.options.pfg_dropout > 0:
+        if drop is not None:
             # Teach the model the branch CFG uses at inference: some samples see the padding.
-            drop = torch.rand(tokens.shape[0], device=tokens.device) < self.options.pfg_dropout
             padding = uncond_tokens(self.options.uncond, text_states, tokens.shape[1]).to(tokens)
-            tokens = torch.where(drop[:, None, None], padding, tokens)
+            tokens = torch.where(drop.to(tokens.device)[:, None, None], padding, tokens)
         return tokens
 
-    def call_unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def added_conditions(self, batch: dict, features: torch.Tensor, drop: torch.Tensor | None) -> dict | None:
+        """Extra UNet inputs beside the context (SDXL's pooled text and time ids); none for SD1/SD2."""
+        return None
+
+    def call_unet(self, noisy: torch.Tensor, timesteps: torch.Tensor, text_states: torch.Tensor, tokens: torch.Tensor,
+                  added: dict | None = None) -> torch.Tensor:
         context = append_tokens(text_states, tokens)
         unet = self.model.unet
         dtype = next(unet.parameters()).dtype
-        return unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
+        kwargs = {"added_cond_kwargs": {k: v.to(dtype) for k, v in added.items()}} if added else {}
+        return unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), **kwargs).sample
 
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.model.v_prediction:
@@ -100,8 +111,10 @@ class PFGTrainer:
             timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         text_states = self.encode_text(batch["captions"])
-        tokens = self.pfg_tokens(batch["features"].to(device), text_states)
-        prediction = self.call_unet(noisy, timesteps, text_states, tokens)
+        features = batch["features"].to(device)
+        drop = self.dropout_mask(features.shape[0], device)
+        tokens = self.pfg_tokens(features, text_states, drop)
+        prediction = self.call_unet(noisy, timesteps, text_states, tokens, self.added_conditions(batch, features, drop))
         target = self.training_target(latents, noise, timesteps)
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.options.min_snr_gamma > 0:

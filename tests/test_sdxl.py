@@ -107,3 +107,113 @@ def test_text_states_and_pooled_match_diffusers(tiny_sdxl, sdxl_model):
         states, long_pooled = long.encode_pooled(["a cat, sitting"])
     assert states.shape == (1, 231, 96) and torch.allclose(long_pooled, pooled, atol=1e-6)
     assert torch.allclose(states[:, :77], expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- training
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _train(model, dataset, out, *extra: str) -> None:
+    import train_pfg
+
+    args = ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(dataset), "--output_dir", str(out),
+            "--output_name", "t", "--seed", "1", "--learning_rate", "1e-3", "--pfg_learning_rate", "1e-2",
+            "--pfg_num_tokens", "2", "--optimizer_type", "AdamW", *extra]
+    assert train_pfg.main(args) == 0
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_sdxl, prepared_dataset, tmp_path_factory):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    out = tmp_path_factory.mktemp("sdxl-lora")
+    _train(tiny_sdxl, prepared_dataset, out, "--train_unet", "lora", "--max_train_steps", "2", "--network_dim", "4",
+           "--network_alpha", "2", "--network_conv_dim", "2", "--learning_rate", "5e-2")
+    AcceleratorState._reset_state(True)
+    return out / "t-lora.safetensors"
+
+
+def test_full_mode_saves_an_sdxl_single_file(tiny_sdxl, sdxl_model, prepared_dataset, tmp_path, fresh_accelerate_state):
+    from library.models import load_sd_model
+    from library.pfg import load_pfg
+
+    _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "2")
+    adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
+    assert adapter.shape.cross_attention_dim == 96 and meta["pfg.pooled"] == "0"  # C read from the SDXL UNet
+    assert meta["ss_base_model_version"] == "sdxl" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/pfg"
+    trained = load_sd_model(str(tmp_path / "t.safetensors"))
+    assert trained.variant == "sdxl"
+    assert not torch.equal(_unet_out(trained.unet), _unet_out(sdxl_model.unet))
+
+
+def test_pfg_only_mode_with_pooled_head(tiny_sdxl, prepared_dataset, tmp_path, fresh_accelerate_state):
+    """--pfg_pooled: the head also learns a vector added to the pooled text embedding (from zero)."""
+    from library.pfg import load_pfg
+
+    _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "2", "--pfg_pooled",
+           "--pfg_dropout", "0.5", "--max_token_length", "150", "--mixed_precision", "bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-pfg.safetensors", "t-settings.toml"]
+    adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
+    assert meta["pfg.pooled"] == "64" and adapter.shape.pooled_dim == 64
+    assert adapter.pfg_pooled.weight.abs().sum() > 0  # trained away from its zero start
+    features = torch.randn(3, adapter.shape.input_dim)
+    assert adapter.pooled(features, 0.5).shape == (3, 64)
+    assert torch.allclose(adapter.pooled(features, 0.5), 0.5 * adapter.pooled(features))
+
+
+def test_pfg_pooled_needs_sdxl(tiny_sd1, prepared_dataset, tmp_path, fresh_accelerate_state):
+    from library.errors import UserError
+
+    with pytest.raises(UserError, match="--pfg_pooled needs an SDXL model"):
+        _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "1", "--pfg_pooled")
+
+
+def test_lora_has_kohya_sdxl_names_and_loads_in_diffusers(tiny_sdxl, sdxl_model, trained_lora):
+    """kohya's SGM layer names; diffusers load_lora_weights reads the file, changes the UNet, and
+    agrees with our in-process loader."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from library.models import apply_lora_files
+
+    keys = load_file(str(trained_lora)).keys()
+    names = {k.split(".")[0] for k in keys}
+    assert all(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")) for n in names)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    assert "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2" in names
+    assert "lora_unet_output_blocks_2_2_conv" in names and "lora_unet_input_blocks_1_0_in_layers_2" in names
+
+    base = _unet_out(sdxl_model.unet)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
+    pipe.load_lora_weights(str(trained_lora))
+    theirs = _unet_out(pipe.unet)
+    assert (theirs - base).abs().max() > 1e-4
+    ours_model = copy.deepcopy(sdxl_model)
+    apply_lora_files(ours_model, [str(trained_lora)], [1.0])
+    assert torch.allclose(_unet_out(ours_model.unet), theirs, atol=1e-5)
+
+
+def test_time_ids_are_what_the_bucketer_recorded(prepared_dataset):
+    """A bucketed, center-cropped image conditions on (original h, w, crop top, left, bucket h, w)."""
+    from library.dataset import PFGDataset, collate, collect_items, load_features
+    from library.dataset_config import load_dataset_config
+
+    items, _ = collect_items(load_dataset_config(prepared_dataset), "illustration of *")
+    features, _ = load_features(items)
+    cropped = [i for i, item in enumerate(items) if item.assignment.crop_ltrb[:2] != (0, 0)]
+    assert cropped, "the demo dataset should contain an image the bucket crops"
+    index = cropped[0]
+    item = items[index]
+    left, top, _, _ = item.assignment.crop_ltrb
+    batch = collate([PFGDataset(items, features)[(index, 0)]])
+    (w, h), (bw, bh) = item.original_size, item.assignment.bucket
+    assert batch["time_ids"].tolist() == [[h, w, top, left, bh, bw]]
