@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.models import apply_lora_files, load_sd_model, move, set_attention_backend
     from library.pfg import check_compatible, load_pfg
     from library.sampling import PFGSampler, a1111_parameters
-    from library.text import PromptEncoder
+    from library.text_sdxl import make_prompt_encoder
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
         model.vae = load_vae(settings.vae)
     apply_lora_files(model, settings.network_weights, settings.network_mul)
-    for module in (model.unet, model.vae, model.text_encoder):
-        move(module, device, dtype).eval()
+    for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        if module is not None:  # text_encoder_2: SDXL only
+            move(module, device, dtype).eval()
     set_attention_backend(model.unet, "xformers" if settings.xformers else "sdpa")
     if settings.vae_slicing:
         model.vae.enable_slicing()
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         trained_with = pfg_info.get("pfg.encoder", "")
         if encoder is not None and trained_with and trained_with != encoder.encoder_id:
             print(f"warning: {settings.pfg_weights} was trained with encoder {trained_with}, guide images use {encoder.encoder_id}")
-    prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=settings.clip_skip)
+    prompt_encoder = make_prompt_encoder(model, clip_skip=settings.clip_skip)
     sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
 
     # 3. Generate and save, each PNG with the parameters that reproduce it.

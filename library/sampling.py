@@ -5,6 +5,10 @@ already appended (conditional branch) and the unconditional padding or a negativ
 (negative branch), both of the same length. `pfg_scale == 0` appends nothing, so the result
 equals the plain pipeline with the same seed, pixel for pixel (tests/test_gen.py checks it).
 The `parameters` text chunk follows A1111's layout so webui tools read our PNGs.
+
+SDXL runs through StableDiffusionXLPipeline the same way, with the pooled bigG embeddings beside
+(plus the PFG head's pooled output when it has one, `--pfg_pooled`) and the pipeline's default
+time ids (uncropped, original size = target size = the requested size).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from library.errors import UserError
 from library.models import SDModel
 from library.pfg import PFGAdapter, append_tokens, combine_features, uncond_tokens
 from library.text import PromptEncoder
+from library.text_sdxl import make_prompt_encoder
 
 # --sampler name -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -144,12 +149,13 @@ class PFGSampler:
         self.model = model
         self.adapter = adapter
         self.encoder = encoder
-        self.prompt_encoder = prompt_encoder or PromptEncoder(model.tokenizer, model.text_encoder)
+        self.prompt_encoder = prompt_encoder or make_prompt_encoder(model)
         self.uncond = uncond
         self.device = torch.device(device)
         self.dtype = dtype
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._pipelines: dict[bool, object] = {}
+        self._encoded: tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -194,9 +200,7 @@ class PFGSampler:
         Guide tokens go on the conditional branch, negative-guide tokens on the unconditional
         one; a branch without its own tokens gets the `--uncond` padding so the lengths match.
         """
-        prompts = [request.prompt, request.negative_prompt]
-        chunks = self.prompt_encoder.chunks_needed(prompts, weighted=True)
-        states = self.prompt_encoder.encode(prompts, weighted=True, num_chunks=chunks)
+        states, _ = self._encode_prompts(request)
         cond_text, uncond_text = states[:1], states[1:]
         tokens = self.pfg_tokens(request.guides, request.pfg_scale)
         negative = self.pfg_tokens(request.negative_guides, request.pfg_scale)
@@ -209,20 +213,60 @@ class PFGSampler:
             negative = uncond_tokens(self.uncond, uncond_text, num_tokens)
         return append_tokens(cond_text, tokens), append_tokens(uncond_text, negative)
 
+    def _encode_prompts(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """States (and SDXL's pooled vectors) of [prompt, negative prompt], remembered for the
+        last pair so SDXL's two uses of one request encode once."""
+        prompts = (request.prompt, request.negative_prompt)
+        if self._encoded is None or self._encoded[0] != prompts:
+            chunks = self.prompt_encoder.chunks_needed(list(prompts), weighted=True)
+            if hasattr(self.prompt_encoder, "encode_pooled"):
+                # One prompt at a time, as SDXL pipelines do: a batched projection rounds differently.
+                parts = [self.prompt_encoder.encode_pooled([p], weighted=True, num_chunks=chunks) for p in prompts]
+                encoded = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            else:
+                encoded = (self.prompt_encoder.encode(list(prompts), weighted=True, num_chunks=chunks), None)
+            self._encoded = (prompts, encoded)
+        return self._encoded[1]
+
+    @torch.no_grad()
+    def pooled_embeddings(self, request: SampleRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: (conditional, unconditional) pooled text embeddings, batch 1, each plus the PFG
+        head's pooled output of its guides when the head has one (`--pfg_pooled`)."""
+        _, pooled = self._encode_prompts(request)
+        cond, uncond = pooled[:1], pooled[1:]
+        pooled_dim = self.adapter.shape.pooled_dim if self.adapter is not None else 0
+        if pooled_dim and request.pfg_scale != 0:
+            for guides, index in ((request.guides, 0), (request.negative_guides, 1)):
+                if guides:
+                    feature = combine_features([self.feature_of(g.path) for g in guides], [g.weight for g in guides])
+                    extra = self.adapter.pooled(feature[None], request.pfg_scale).to(pooled)
+                    cond, uncond = (cond + extra, uncond) if index == 0 else (cond, uncond + extra)
+        return cond, uncond
+
     # -- sampling -----------------------------------------------------------------------------
 
     def _pipeline(self, sampler: str, img2img: bool):
         """The diffusers pipeline around our modules, built once per mode; only the scheduler
         (stateful, cheap) is made fresh for every call."""
         if img2img not in self._pipelines:
-            from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+            from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
+                                   StableDiffusionXLPipeline)
 
-            cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-            pipe = cls(
-                vae=self.model.vae, text_encoder=self.model.text_encoder, tokenizer=self.model.tokenizer,
-                unet=self.model.unet, scheduler=make_scheduler(sampler, self.model.scheduler_config),
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+            m = self.model
+            if m.is_sdxl:
+                cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
+                pipe = cls(
+                    vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
+                    tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=make_scheduler(sampler, m.scheduler_config),
+                    add_watermarker=False,
+                )
+            else:
+                cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+                pipe = cls(
+                    vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
+                    unet=m.unet, scheduler=make_scheduler(sampler, m.scheduler_config),
+                    safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                )
             pipe.set_progress_bar_config(disable=True)
             self._pipelines[img2img] = pipe
         pipe = self._pipelines[img2img]
@@ -248,6 +292,10 @@ class PFGSampler:
             guidance_scale=request.scale,
             generator=generators,
         )
+        if self.model.is_sdxl:
+            cond_pooled, uncond_pooled = self.pooled_embeddings(request)
+            kwargs["pooled_prompt_embeds"] = cond_pooled.expand(count, -1).to(self.device, self.dtype)
+            kwargs["negative_pooled_prompt_embeds"] = uncond_pooled.expand(count, -1).to(self.device, self.dtype)
         if request.init_image:
             from library.images import ImageLoadError, load_image
 

@@ -217,3 +217,86 @@ def test_time_ids_are_what_the_bucketer_recorded(prepared_dataset):
     batch = collate([PFGDataset(items, features)[(index, 0)]])
     (w, h), (bw, bh) = item.original_size, item.assignment.bucket
     assert batch["time_ids"].tolist() == [[h, w, top, left, bh, bw]]
+
+
+# -------------------------------------------------------------------------------- generation
+def _pixels(path_or_image):
+    import numpy as np
+    from PIL import Image
+
+    image = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def sdxl_gen_kit(tiny_sdxl, tiny_tagger, tmp_path_factory):
+    """A random SDXL PFG head (tokens as large as text states, and a pooled output) and guide images."""
+    import numpy as np
+    from PIL import Image
+
+    from library.encoders import load_encoder
+    from library.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
+
+    root = tmp_path_factory.mktemp("sdxl-gen")
+    encoder = load_encoder(str(tiny_tagger))
+    torch.manual_seed(0)
+    adapter = PFGAdapter(PFGShape(4, 768, 96, pooled_dim=64))
+    torch.nn.init.normal_(adapter.pfg_linear.weight, std=3.0 / 768**0.5)
+    torch.nn.init.normal_(adapter.pfg_pooled.weight, std=3.0 / 768**0.5)
+    pfg = save_pfg(adapter, root / "xl-pfg.safetensors", pfg_metadata(adapter.shape, encoder.encoder_id))[0]
+    guides = []
+    for seed in range(2):
+        pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        guides.append(root / f"guide{seed}.png")
+        Image.fromarray(pixels).resize((96, 80), Image.Resampling.NEAREST).save(guides[-1])
+    return {"model": tiny_sdxl, "tagger": tiny_tagger, "pfg": pfg, "guides": guides, "root": root}
+
+
+def _gen(kit, outdir, *args) -> list:
+    import gen_pfg
+
+    argv = ["--pretrained_model_name_or_path", str(kit["model"]), "--outdir", str(outdir), "--W", "64", "--H", "64",
+            "--steps", "2", "--pfg_weights", str(kit["pfg"]), "--tagger_model", str(kit["tagger"]), *map(str, args)]
+    assert gen_pfg.main(argv) == 0
+    return sorted(p for p in outdir.glob("*.png") if not p.name.startswith("grid"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_gen_pfg_scale_zero_equals_plain_sdxl_pipeline_and_guides_change_it(sdxl_gen_kit, tmp_path):
+    import numpy as np
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    kit = sdxl_gen_kit
+    common = ["--prompt", "a red cat, (sitting:1.0)", "--negative_prompt", "blurry", "--sampler", "euler_a", "--seed", "3"]
+    (off,) = _gen(kit, tmp_path / "off", *common, "--image", kit["guides"][0], "--pfg_scale", "0")
+    pipe = StableDiffusionXLPipeline.from_pretrained(kit["model"], local_files_only=True, add_watermarker=False)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe("a red cat, sitting", negative_prompt="blurry", width=64, height=64, num_inference_steps=2,
+                 guidance_scale=7.0, generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(_pixels(off), _pixels(plain))
+
+    (guided,) = _gen(kit, tmp_path / "on", *common, "--image", kit["guides"][0])
+    (other,) = _gen(kit, tmp_path / "other", *common, "--image", kit["guides"][1])
+    assert np.abs(_pixels(guided) - _pixels(off)).mean() > 1
+    assert np.abs(_pixels(guided) - _pixels(other)).mean() > 1
+
+
+@torch.no_grad()
+def test_sampler_conditioning_for_sdxl(sdxl_gen_kit, sdxl_model):
+    """Tokens after the weighted text states; the pooled head output on the guided branch only."""
+    from library.encoders import load_encoder
+    from library.pfg import load_pfg
+    from library.sampling import Guide, PFGSampler, SampleRequest
+
+    adapter, _ = load_pfg(sdxl_gen_kit["pfg"])
+    sampler = PFGSampler(sdxl_model, adapter, load_encoder(str(sdxl_gen_kit["tagger"])))
+    request = SampleRequest(prompt="a (cat:1.3)", negative_prompt="", guides=(Guide(str(sdxl_gen_kit["guides"][0])),))
+    cond, uncond = sampler.embeddings(request)
+    assert cond.shape == uncond.shape == (1, 77 + 4, 96) and uncond[:, 77:].abs().sum() == 0
+    states, pooled = sampler.prompt_encoder.encode_pooled(["a (cat:1.3)", ""], weighted=True)
+    assert torch.equal(cond[:, :77], states[:1])
+    cond_pooled, uncond_pooled = sampler.pooled_embeddings(request)
+    feature = sampler.feature_of(str(sdxl_gen_kit["guides"][0]))
+    assert torch.allclose(cond_pooled, pooled[:1] + adapter.pooled(feature[None]), atol=1e-6)
+    assert torch.allclose(uncond_pooled, pooled[1:], atol=1e-6)
