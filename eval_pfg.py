@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from library.evaluation import evaluate_denoising, load_eval_samples
     from library.pfg import check_compatible
-    from library.text import PromptEncoder
-    from library.trainer import PFGTrainer, StepOptions
+    from library.text_sdxl import make_prompt_encoder
+    from library.trainer import StepOptions
+    from library.trainer_sdxl import make_trainer
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
@@ -67,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     features = item_features(items, encoder)
     check_compatible(adapter, settings.pfg_weights, features.shape[1], model.cross_attention_dim)
     samples = load_eval_samples(items, features, model.vae)
-    prompt_encoder = PromptEncoder(model.tokenizer, model.text_encoder, clip_skip=settings.clip_skip)
+    prompt_encoder = make_prompt_encoder(model, clip_skip=settings.clip_skip)
 
     # 4. Conditioning gain and denoising retrieval.
-    trainer = PFGTrainer(model, adapter, prompt_encoder, StepOptions(uncond=settings.uncond))
+    trainer = make_trainer(model, adapter, prompt_encoder, StepOptions(uncond=settings.uncond))
     denoising = evaluate_denoising(trainer, samples, settings.num_timesteps, settings.candidates, settings.seed, settings.n_boot)
 
     # 5. Generation retrieval, through the sampler gen_pfg.py uses.
@@ -116,7 +117,7 @@ def load_model_and_head(settings, device, dtype):
 
         model.vae = load_vae(settings.vae)
     apply_lora_files(model, settings.network_weights, settings.network_mul)
-    for module in (model.unet, model.vae, model.text_encoder):
+    for module in filter(None, (model.unet, model.vae, model.text_encoder, model.text_encoder_2)):
         move(module, device, dtype).eval()
     set_attention_backend(model.unet, "sdpa")
     adapter, _ = load_pfg(settings.pfg_weights, model.cross_attention_dim)

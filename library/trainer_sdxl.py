@@ -8,7 +8,7 @@ import torch
 from library.models import SDModel
 from library.pfg import PFGAdapter
 from library.text import PromptEncoder
-from library.text_sdxl import SDXLPromptEncoder
+from library.text_sdxl import SDXLPromptEncoder, generation_time_ids
 from library.trainer import TEXT_CACHE_SIZE, PFGTrainer, StepOptions
 
 
@@ -38,7 +38,12 @@ class SDXLTrainer(PFGTrainer):
             if drop is not None:  # the unconditional branch has no PFG addition
                 extra = torch.where(drop.to(extra.device)[:, None], torch.zeros_like(extra), extra)
             pooled = pooled + extra.to(pooled.dtype)
-        return {"text_embeds": pooled, "time_ids": batch["time_ids"].to(features.device, torch.float32)}
+        if "time_ids" in batch:
+            ids = batch["time_ids"]
+        else:  # batches made without the bucketer (evaluation): an uncropped image of the latents' size
+            h, w = (side * self.model.vae_scale_factor for side in batch["latents"].shape[-2:])
+            ids = torch.tensor([generation_time_ids(w, h)] * features.shape[0])
+        return {"text_embeds": pooled, "time_ids": ids.to(features.device, torch.float32)}
 
 
 def make_trainer(model: SDModel, adapter: PFGAdapter, prompt_encoder: PromptEncoder, options: StepOptions) -> PFGTrainer:

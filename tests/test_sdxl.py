@@ -300,3 +300,17 @@ def test_sampler_conditioning_for_sdxl(sdxl_gen_kit, sdxl_model):
     feature = sampler.feature_of(str(sdxl_gen_kit["guides"][0]))
     assert torch.allclose(cond_pooled, pooled[:1] + adapter.pooled(feature[None]), atol=1e-6)
     assert torch.allclose(uncond_pooled, pooled[1:], atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_eval_pfg_runs_on_sdxl(sdxl_gen_kit, prepared_dataset, tmp_path):
+    import eval_pfg
+
+    out = tmp_path / "eval.json"
+    assert eval_pfg.main([
+        "--pretrained_model_name_or_path", str(sdxl_gen_kit["model"]), "--pfg_weights", str(sdxl_gen_kit["pfg"]),
+        "--tagger_model", str(sdxl_gen_kit["tagger"]), "--dataset_config", str(prepared_dataset), "--output_json", str(out),
+        "--num_timesteps", "2", "--candidates", "2", "--W", "64", "--H", "64", "--steps", "2",
+    ]) == 0
+    result = json.loads(out.read_text())
+    assert result["denoising"]["candidates"] == 2 and result["generation"] is not None
