@@ -6,7 +6,9 @@ Both sides train the same UNet on the same cached latents with the same optimize
 and batch size. both time the steady state: the same steps after 3 warm-up steps, excluding model loading
 and saving. Each
 measurement runs in its own process, whose peak RSS (or peak CUDA memory) is reported.
-Without --model, the tiny offline SD1 model and the demo dataset are built under bench/work/.
+Without --model, the tiny offline SD1 model (or SDXL with --tiny sdxl) and the demo dataset are
+built under bench/work/. An SDXL --model (a folder with text_encoder_2) is benchmarked with its
+pooled text embedding and size/crop time ids on both sides.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def prepare(args) -> tuple[Path, Path]:
     from tools.make_tiny_sd import build_tiny_sd
     from tools.make_tiny_tagger import build_tiny_tagger
 
-    model = Path(args.model) if args.model else build_tiny_sd(WORK / "tiny-sd1", "sd1")
+    model = Path(args.model) if args.model else build_tiny_sd(WORK / f"tiny-{args.tiny}", args.tiny)
     data = build_demo_dataset(WORK / "data")
     tagger = build_tiny_tagger(WORK / "tagger")
     toml = WORK / f"dataset-{args.resolution}.toml"
@@ -109,6 +111,17 @@ def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> 
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
         ids = tokenizer(["illustration of *"] * batch, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
         text = text_encoder(ids).last_hidden_state
+        added = None
+        if (model / "text_encoder_2").is_dir():  # SDXL: penultimate states of both encoders, pooled bigG, time ids
+            from transformers import CLIPTextModelWithProjection
+
+            tokenizer_2 = CLIPTokenizer.from_pretrained(model / "tokenizer_2")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model / "text_encoder_2").to(device)
+            ids_2 = tokenizer_2(["illustration of *"] * batch, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+            second = text_encoder_2(ids_2, output_hidden_states=True)
+            text = torch.cat([text_encoder(ids, output_hidden_states=True).hidden_states[-2], second.hidden_states[-2]], dim=-1)
+            size = latents.shape[-1] * 8
+            added = {"text_embeds": second.text_embeds, "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device)}
     unet.train()
 
     def step(k: int) -> None:
@@ -118,7 +131,7 @@ def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> 
         t = torch.randint(0, 1000, (batch,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=precision != "no"):
             context = torch.cat([text, head(f).reshape(batch, 10, width)], dim=1)
-            pred = unet(scheduler.add_noise(x0, noise, t), t, context).sample
+            pred = unet(scheduler.add_noise(x0, noise, t), t, context, added_cond_kwargs=added).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -143,6 +156,7 @@ def measure(kind: str, mode: str, steps: int, args) -> dict:
                "--resolution", str(args.resolution), "--batch", str(args.batch), "--precision", args.precision]
     if args.model:
         command += ["--model", args.model]
+    command += ["--tiny", args.tiny]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"{kind}/{mode} failed:\n{result.stderr[-3000:]}")
@@ -154,6 +168,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--modes", nargs="+", default=["none", "full", "lora"])
     parser.add_argument("--model", default="")
+    parser.add_argument("--tiny", default="sd1", choices=["sd1", "sdxl"], help="the tiny model built when --model is not given")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
