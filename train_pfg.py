@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Models.
     model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
+    if settings.vae:
+        from library.checkpoints import load_vae
+
+        model.vae = load_vae(settings.vae)
     latents = None
     if settings.cache_latents or settings.cache_latents_to_disk:
         # Before the VAE is cast to the training precision: caches are made (and validated) with

@@ -14,6 +14,7 @@ class TrainSettings:
     pretrained_model_name_or_path: str = setting("", "SD1.x/SD2.x/SDXL diffusers folder, single-file checkpoint or hub id")
     dataset_config: str = setting("", "kohya-style dataset TOML")
     train_data_dir: str = setting("", "a folder of images, when no dataset TOML is given")
+    vae: str = setting("", "replace the model's VAE (e.g. an fp16-safe SDXL VAE): a single-file VAE or a diffusers VAE folder")
     tagger_model: str = setting("", "image encoder used to compute missing feature caches (WD tagger folder/.onnx/hub id)")
     output_dir: str = setting("output", "where outputs are written")
     output_name: str = setting("pfg", "base name of the outputs: NAME-pfg.safetensors, NAME.safetensors ...")

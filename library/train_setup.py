@@ -25,9 +25,10 @@ def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.devi
             continue
         module.requires_grad_(False)
         module.eval()
-        # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32; a fixed
-        # fp16-safe VAE (force_upcast false) follows the training precision.
-        fp32_vae = module is model.vae and getattr(module.config, "force_upcast", False) and frozen_dtype == torch.float16
+        # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, unless
+        # --vae gave a fixed (fp16-safe) one, which follows the training precision.
+        fp32_vae = (module is model.vae and getattr(module.config, "force_upcast", False) and not settings.vae
+                    and frozen_dtype == torch.float16)
         move(module, device, torch.float32 if fp32_vae else frozen_dtype)
     train_unet = settings.train_unet == "full"
     model.unet.requires_grad_(train_unet)

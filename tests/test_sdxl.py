@@ -158,7 +158,8 @@ def test_pfg_only_mode_with_pooled_head(tiny_sdxl, prepared_dataset, tmp_path, f
     from library.pfg import load_pfg
 
     _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "2", "--pfg_pooled",
-           "--pfg_dropout", "0.5", "--max_token_length", "150", "--mixed_precision", "bf16")
+           "--pfg_dropout", "0.5", "--max_token_length", "150", "--mixed_precision", "bf16",
+           "--vae", str(tiny_sdxl / "vae"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-pfg.safetensors", "t-settings.toml"]
     adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
     assert meta["pfg.pooled"] == "64" and adapter.shape.pooled_dim == 64
@@ -314,3 +315,44 @@ def test_eval_pfg_runs_on_sdxl(sdxl_gen_kit, prepared_dataset, tmp_path):
     ]) == 0
     result = json.loads(out.read_text())
     assert result["denoising"]["candidates"] == 2 and result["generation"] is not None
+
+
+def test_sdxl_vae_stays_fp32_under_fp16_unless_a_fixed_vae_is_given(sdxl_model):
+    import copy
+
+    from library.train_settings import TrainSettings
+    from library.train_setup import prepare_sd_model
+
+    for vae, expected in (("", torch.float32), ("fixed-vae", torch.float16)):
+        model = copy.deepcopy(sdxl_model)
+        settings = TrainSettings(pretrained_model_name_or_path="x", train_unet="none", mixed_precision="fp16", vae=vae)
+        prepare_sd_model(model, settings, torch.device("cpu"))
+        assert next(model.vae.parameters()).dtype == expected
+        assert next(model.text_encoder_2.parameters()).dtype == torch.float16
+        assert not any(p.requires_grad for p in model.text_encoder_2.parameters())
+
+
+def test_kohya_sdxl_lora_with_both_text_encoders_loads(sdxl_model, trained_lora, tmp_path):
+    """Files made by kohya for SDXL also carry lora_te1_* (CLIP-L) and lora_te2_* (bigG) layers."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from library.models import apply_lora_files
+
+    tensors = dict(load_file(str(trained_lora)))
+    g = torch.Generator().manual_seed(0)
+    for name, width in (("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32),
+                        ("lora_te2_text_model_encoder_layers_1_mlp_fc1", 64)):
+        out = width * 4 if "fc1" in name else width
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, width, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(out, 2, generator=g)
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    path = tmp_path / "kohya-xl.safetensors"
+    save_file(tensors, str(path))
+    model = copy.deepcopy(sdxl_model)
+    apply_lora_files(model, [str(path)], [1.0])
+    ids = torch.randint(0, 49406, (1, 77), generator=g)
+    with torch.no_grad():
+        for before, after in ((sdxl_model.text_encoder, model.text_encoder), (sdxl_model.text_encoder_2, model.text_encoder_2)):
+            assert not torch.allclose(before(ids).last_hidden_state, after(ids).last_hidden_state)
