@@ -135,16 +135,25 @@ def trained_lora(tiny_sdxl, prepared_dataset, tmp_path_factory):
     AcceleratorState._reset_state(True)
     out = tmp_path_factory.mktemp("sdxl-lora")
     _train(tiny_sdxl, prepared_dataset, out, "--train_unet", "lora", "--max_train_steps", "2", "--network_dim", "4",
-           "--network_alpha", "2", "--network_conv_dim", "2", "--learning_rate", "5e-2")
+           "--network_alpha", "2", "--network_conv_dim", "2", "--learning_rate", "5e-2", "--cache_latents")
     AcceleratorState._reset_state(True)
     return out / "t-lora.safetensors"
 
 
-def test_full_mode_saves_an_sdxl_single_file(tiny_sdxl, sdxl_model, prepared_dataset, tmp_path, fresh_accelerate_state):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_full_mode_saves_an_sdxl_single_file(tiny_sdxl, tiny_tagger, sdxl_model, prepared_dataset, tmp_path, fresh_accelerate_state):
+    """Full fine-tune, with training samples (a guide image) and validation on the way."""
     from library.models import load_sd_model
     from library.pfg import load_pfg
 
-    _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "2")
+    guide = next((prepared_dataset.parent / "demo-data" / "images").glob("*.png"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"illustration of * --i {guide} --w 64 --h 64 --s 2 --d 7\n")
+    _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "2",
+           "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--tagger_model", str(tiny_tagger),
+           "--validation_split", "0.2", "--validation_every_n_steps", "2", "--validation_timesteps", "2",
+           "--validation_candidates", "2")
+    assert [p.name for p in (tmp_path / "sample").iterdir()] == ["t_000002_00_7.png"]
     adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
     assert adapter.shape.cross_attention_dim == 96 and meta["pfg.pooled"] == "0"  # C read from the SDXL UNet
     assert meta["ss_base_model_version"] == "sdxl" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/pfg"
@@ -159,7 +168,7 @@ def test_pfg_only_mode_with_pooled_head(tiny_sdxl, prepared_dataset, tmp_path, f
 
     _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "2", "--pfg_pooled",
            "--pfg_dropout", "0.5", "--max_token_length", "150", "--mixed_precision", "bf16",
-           "--vae", str(tiny_sdxl / "vae"))
+           "--vae", str(tiny_sdxl / "vae"), "--gradient_checkpointing")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-pfg.safetensors", "t-settings.toml"]
     adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
     assert meta["pfg.pooled"] == "64" and adapter.shape.pooled_dim == 64
