@@ -11,7 +11,8 @@ layer (kohya ignores clip skip for SDXL); k > 2 takes hidden_states[-k] of both 
 The time ids are SDXL's micro-conditioning, (original h, original w, crop top, crop left,
 target h, target w): the image's size before bucketing, the pixels the bucket's center crop cut
 from the top and left of the resized image (the SDXL paper's and diffusers' convention), and the
-bucket size.
+bucket size. (kohya's `get_crop_ltrb` reports a letterbox offset instead — for an image cropped
+at the sides it gives a top offset and left 0; we condition on the crop that actually happened.)
 """
 from __future__ import annotations
 

@@ -365,3 +365,35 @@ def test_kohya_sdxl_lora_with_both_text_encoders_loads(sdxl_model, trained_lora,
     with torch.no_grad():
         for before, after in ((sdxl_model.text_encoder, model.text_encoder), (sdxl_model.text_encoder_2, model.text_encoder_2)):
             assert not torch.allclose(before(ids).last_hidden_state, after(ids).last_hidden_state)
+
+
+def test_unet_key_map_agrees_with_diffusers_at_real_sdxl_size():
+    """The real SDXL base geometry (meta device: 0/2/10 transformer layers, label_emb) maps as
+    diffusers' own converter reads it, and our LoRA names are kohya's for the real layout."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from library.ldm_keys import UNET_PREFIX, unet_key_map
+    from library.lora import module_names
+    from library.sdxl_checkpoint import UNET_DEFAULTS
+
+    config = {**UNET_DEFAULTS, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 2048,
+              "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
+              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+              "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    keys = list(unet.state_dict())
+    assert len(keys) == 1680
+    our_map = unet_key_map(keys)
+    names = sorted(our_map[k] for k in keys)
+    checkpoint = {UNET_PREFIX + n: torch.full((1, 1, 1, 1), float(i)) for i, n in enumerate(names)}
+    back = convert_ldm_unet_checkpoint(checkpoint, config=config)
+    assert set(back) == set(keys)
+    assert all(names[int(v.flatten()[0])] == our_map[k] for k, v in back.items())
+    lora = module_names(unet)
+    assert lora["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k"
+    assert lora["up_blocks.0.attentions.2.proj_out"] == "lora_unet_output_blocks_2_1_proj_out"
+    assert lora["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] == "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj"
