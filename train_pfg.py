@@ -227,7 +227,8 @@ def run_summary(settings, items, dataset_config, total_steps: int, model) -> dic
         "ss_output_name": settings.output_name,
         "ss_training_started_at": int(time.time()),
         "ss_sd_model_name": Path(settings.pretrained_model_name_or_path).name,
-        "ss_base_model_version": model.variant,
+        # kohya's SDXL value: A1111 files a LoRA under SDXL when it starts with "sdxl_"
+        "ss_base_model_version": "sdxl_base_v1-0" if model.is_sdxl else model.variant,
         "ss_v2": model.variant == "sd2",
         "ss_v_parameterization": model.v_prediction,
         "ss_train_unet": settings.train_unet,

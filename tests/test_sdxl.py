@@ -156,7 +156,7 @@ def test_full_mode_saves_an_sdxl_single_file(tiny_sdxl, tiny_tagger, sdxl_model,
     assert [p.name for p in (tmp_path / "sample").iterdir()] == ["t_000002_00_7.png"]
     adapter, meta = load_pfg(tmp_path / "t-pfg.safetensors")
     assert adapter.shape.cross_attention_dim == 96 and meta["pfg.pooled"] == "0"  # C read from the SDXL UNet
-    assert meta["ss_base_model_version"] == "sdxl" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/pfg"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/pfg"
     trained = load_sd_model(str(tmp_path / "t.safetensors"))
     assert trained.variant == "sdxl"
     assert not torch.equal(_unet_out(trained.unet), _unet_out(sdxl_model.unet))
@@ -195,6 +195,12 @@ def test_lora_has_kohya_sdxl_names_and_loads_in_diffusers(tiny_sdxl, sdxl_model,
 
     from library.models import apply_lora_files
 
+    from safetensors import safe_open
+
+    with safe_open(str(trained_lora), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_module"] == "networks.lora"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     keys = load_file(str(trained_lora)).keys()
     names = {k.split(".")[0] for k in keys}
     assert all(n.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_")) for n in names)
