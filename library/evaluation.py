@@ -150,10 +150,11 @@ def _noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
 
 
 @contextmanager
-def _no_pfg_dropout(trainer):
-    """The metric must see every vector: PFG dropout (a training regulariser) is off meanwhile."""
+def _plain_objective(trainer):
+    """The metric must see every vector and compare plain losses: PFG dropout and Min-SNR
+    weighting (training choices) are off meanwhile, so validation and eval_pfg.py agree."""
     options = trainer.options
-    trainer.options = replace(options, pfg_dropout=0.0)
+    trainer.options = replace(options, pfg_dropout=0.0, min_snr_gamma=0.0)
     try:
         yield
     finally:
@@ -167,7 +168,7 @@ def denoising_losses(trainer, samples: list[EvalSample], candidates: torch.Tenso
     param = next(trainer.model.unet.parameters())
     t = torch.tensor(timesteps, dtype=torch.long, device=param.device)
     losses = torch.zeros(candidates.shape, dtype=torch.float64)
-    with _no_pfg_dropout(trainer):
+    with _plain_objective(trainer):
         for i, sample in enumerate(samples):
             latents = sample.latents.to(param.device, torch.float32).expand(len(timesteps), *sample.latents.shape)
             noise = _noise(tuple(latents.shape), seed, i).to(param.device)
