@@ -403,3 +403,31 @@ def test_unet_key_map_agrees_with_diffusers_at_real_sdxl_size():
     assert lora["down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"] == "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k"
     assert lora["up_blocks.0.attentions.2.proj_out"] == "lora_unet_output_blocks_2_1_proj_out"
     assert lora["mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"] == "lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj"
+
+
+def test_sdxl_diffusers_folder_and_ckpt_exports_load_back(sdxl_model, tmp_path):
+    import diffusers
+
+    from library.models import load_sd_model
+    from library.sdxl_checkpoint import save_sdxl_diffusers, save_sdxl_single_file
+
+    m = sdxl_model
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(m.scheduler_config)
+    folder = save_sdxl_diffusers(tmp_path / "xl", m.unet, m.vae, m.text_encoder, m.text_encoder_2, m.tokenizer,
+                                 m.tokenizer_2, scheduler, torch.float16)
+    from_folder = load_sd_model(str(folder))
+    assert from_folder.variant == "sdxl" and from_folder.tokenizer_2.pad_token == "!"
+    assert next(m.unet.parameters()).dtype == torch.float32  # the caller's model was not cast
+    assert torch.allclose(_unet_out(from_folder.unet.float()), _unet_out(m.unet), atol=1e-2)
+    ckpt = save_sdxl_single_file(tmp_path / "xl.ckpt", m.unet, m.vae, m.text_encoder, m.text_encoder_2, scheduler=scheduler)
+    assert torch.equal(_unet_out(load_sd_model(str(ckpt)).unet), _unet_out(m.unet))
+
+
+def test_lora_training_continues_an_sdxl_lora(tiny_sdxl, prepared_dataset, trained_lora, tmp_path, fresh_accelerate_state):
+    from safetensors.torch import load_file
+
+    _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "lora", "--max_train_steps", "1",
+           "--network_weights", str(trained_lora), "--learning_rate", "5e-2")
+    before, after = load_file(str(trained_lora)), load_file(str(tmp_path / "t-lora.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_up.weight"))
