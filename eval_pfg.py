@@ -108,18 +108,13 @@ def held_out_items(dataset_config, settings) -> list:
 
 def load_model_and_head(settings, device, dtype):
     """The SD model (+VAE override, +LoRA) and the PFG head, as gen_pfg.py loads them."""
-    from library.models import apply_lora_files, load_sd_model, move, set_attention_backend
+    from library.models import load_for_inference
     from library.pfg import load_pfg
 
-    model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
-    if settings.vae:
-        from library.checkpoints import load_vae
-
-        model.vae = load_vae(settings.vae)
-    apply_lora_files(model, settings.network_weights, settings.network_mul)
-    for module in filter(None, (model.unet, model.vae, model.text_encoder, model.text_encoder_2)):
-        move(module, device, dtype).eval()
-    set_attention_backend(model.unet, "sdpa")
+    model = load_for_inference(
+        settings.pretrained_model_name_or_path, v_prediction=settings.v_parameterization, vae=settings.vae,
+        lora_files=settings.network_weights, lora_multipliers=settings.network_mul, device=device, dtype=dtype,
+    )
     adapter, _ = load_pfg(settings.pfg_weights, model.cross_attention_dim)
     adapter.to(device, dtype=dtype).eval()
     return model, adapter

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from library.image_outputs import contact_sheet, next_index, save_png
-    from library.models import apply_lora_files, load_sd_model, move, set_attention_backend
+    from library.models import load_for_inference
     from library.pfg import check_compatible, load_pfg
     from library.sampling import PFGSampler, a1111_parameters
     from library.text_sdxl import make_prompt_encoder
@@ -34,16 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
 
     # 1. The model, with its LoRA files and VAE override.
-    model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
-    if settings.vae:
-        from library.checkpoints import load_vae
-
-        model.vae = load_vae(settings.vae)
-    apply_lora_files(model, settings.network_weights, settings.network_mul)
-    for module in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
-        if module is not None:  # text_encoder_2: SDXL only
-            move(module, device, dtype).eval()
-    set_attention_backend(model.unet, "xformers" if settings.xformers else "sdpa")
+    model = load_for_inference(
+        settings.pretrained_model_name_or_path, v_prediction=settings.v_parameterization, vae=settings.vae,
+        lora_files=settings.network_weights, lora_multipliers=settings.network_mul, device=device, dtype=dtype,
+        attention="xformers" if settings.xformers else "sdpa",
+    )
     if settings.vae_slicing:
         model.vae.enable_slicing()
     if settings.vae_tiling:

@@ -32,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
         dataset_config = config_from_train_data_dir(settings.train_data_dir, defaults)
     sample_requests = read_samples(settings, dataset_config)
 
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler

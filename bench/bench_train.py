@@ -182,8 +182,8 @@ def main() -> None:
         print(json.dumps(runner(model, toml, args.mode, args.steps, args.precision)))
         return
     prepare(args)  # build once, outside the timed processes
-    print(f"| mode | train_pfg.py steps/s | bare loop steps/s | ratio | train_pfg peak MB | bare peak MB |")
-    print(f"| --- | --- | --- | --- | --- | --- |")
+    print("| mode | train_pfg.py steps/s | bare loop steps/s | ratio | train_pfg peak MB | bare peak MB |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for mode in args.modes:
         ours = measure("ours", mode, args.steps, args)
         bare = measure("bare", mode, args.steps, args)

@@ -180,3 +180,29 @@ def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype
     """`.to(device, dtype)`, casting only when the dtype changes (diffusers warns on every cast)."""
     current = next(module.parameters()).dtype
     return module.to(device) if current == dtype else module.to(device, dtype=dtype)
+
+
+def load_for_inference(
+    name_or_path: str,
+    *,
+    v_prediction: bool | None,
+    vae: str,
+    lora_files: list[str],
+    lora_multipliers: list[float],
+    device: torch.device,
+    dtype: torch.dtype,
+    attention: str = "sdpa",
+) -> SDModel:
+    """The model as gen_pfg.py and eval_pfg.py use it: VAE override, LoRA files applied, every
+    part on the device in eval mode."""
+    model = load_sd_model(name_or_path, v_prediction)
+    if vae:
+        from library.checkpoints import load_vae
+
+        model.vae = load_vae(vae)
+    apply_lora_files(model, lora_files, lora_multipliers)
+    for module in (model.unet, model.vae, model.text_encoder, getattr(model, "text_encoder_2", None)):
+        if module is not None:  # text_encoder_2: SDXL only
+            move(module, device, dtype).eval()
+    set_attention_backend(model.unet, attention)
+    return model
