@@ -431,3 +431,13 @@ def test_lora_training_continues_an_sdxl_lora(tiny_sdxl, prepared_dataset, train
     before, after = load_file(str(trained_lora)), load_file(str(tmp_path / "t-lora.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_up.weight"))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_gen_img2img_and_lora_on_sdxl(sdxl_gen_kit, trained_lora, tmp_path):
+    common = ["--prompt", "a cat", "--seed", "5", "--sampler", "ddim", "--steps", "4", "--image", sdxl_gen_kit["guides"][0]]
+    (plain,) = _gen(sdxl_gen_kit, tmp_path / "a", *common, "--init_image", sdxl_gen_kit["guides"][1], "--strength", "0.5")
+    (lora,) = _gen(sdxl_gen_kit, tmp_path / "b", *common, "--init_image", sdxl_gen_kit["guides"][1], "--strength", "0.5",
+                   "--network_weights", trained_lora, "--network_mul", "2")
+    assert _pixels(plain).shape == (64, 64, 3)
+    assert abs(_pixels(plain) - _pixels(lora)).mean() > 0.5
