@@ -441,3 +441,17 @@ def test_gen_img2img_and_lora_on_sdxl(sdxl_gen_kit, trained_lora, tmp_path):
                    "--network_weights", trained_lora, "--network_mul", "2")
     assert _pixels(plain).shape == (64, 64, 3)
     assert abs(_pixels(plain) - _pixels(lora)).mean() > 0.5
+
+
+def test_sdxl_size_kit_has_sdxl_base_parameter_counts():
+    """The benchmark variant (`--variant sdxl-size`) is SDXL base's architecture at full size."""
+    from accelerate import init_empty_weights
+
+    from tools.make_tiny_sd import XL_SIZES, build_sdxl_text_encoders, build_sdxl_unet, build_vae
+
+    size = XL_SIZES["sdxl-size"]
+    with init_empty_weights():
+        models = [build_sdxl_unet(0, size), *build_sdxl_text_encoders(0, 0, size), build_vae(0, size.vae_channels, size.norm_groups)]
+    counts = [sum(p.numel() for p in m.parameters()) for m in models]
+    assert counts == [2_567_463_684, 123_060_480, 694_659_840, 83_653_863]
+    assert models[0].config.cross_attention_dim == 2048 and models[0].config.projection_class_embeddings_input_dim == 2816

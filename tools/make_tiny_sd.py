@@ -79,7 +79,7 @@ def build_unet(v: Variant, seed: int):
     )
 
 
-def build_vae(seed: int):
+def build_vae(seed: int, channels: tuple[int, ...] = VAE_CHANNELS, norm_groups: int = 8, sample_size: int = SAMPLE_SIZE * 8):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -88,11 +88,11 @@ def build_vae(seed: int):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamples: latents are 1/8 of the image
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=VAE_CHANNELS,
+        block_out_channels=channels,
         layers_per_block=2,
-        norm_num_groups=8,
+        norm_num_groups=norm_groups,
         latent_channels=4,
-        sample_size=SAMPLE_SIZE * 8,
+        sample_size=sample_size,
         scaling_factor=0.18215,
     )
 
@@ -135,52 +135,69 @@ def build_scheduler(v: Variant):
     return diffusers.DDIMScheduler(clip_sample=False, **common)
 
 
-# SDXL (real: CLIP-L 768 + bigG 1280 = 2048, levels 320/640/1280 with 0/2/10 transformer layers,
-# 64-wide heads, 256-wide size/crop embeddings): the same shape rules at toy widths.
-SDXL_TEXT_HIDDEN = (32, 64)  # CLIP-L-like, bigG-like
-SDXL_UNET_CHANNELS = (32, 64, 64)
-SDXL_TRANSFORMER_LAYERS = (1, 1, 2)  # level 0 has none (DownBlock2D); more layers deeper down
-SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim: each of the 6 size/crop numbers gets this width
+@dataclass(frozen=True)
+class XLSize:
+    """The widths of an SDXL-layout model; the shape rules (block layout, conditioning) are fixed."""
+
+    text_hidden: tuple[int, int]  # CLIP-L, bigG; their sum is the UNet's cross-attention width
+    text_layers: tuple[int, int]
+    text_heads: tuple[int, int]
+    unet_channels: tuple[int, int, int]
+    transformer_layers: tuple[int, int, int]  # level 0 has none in use (DownBlock2D)
+    head_width: int
+    time_embed_dim: int  # addition_time_embed_dim: each of the 6 size/crop numbers gets this width
+    norm_groups: int
+    vae_channels: tuple[int, ...]
+    sample_size: int  # latent size
 
 
-def build_sdxl_unet(seed: int):
+XL_SIZES: dict[str, XLSize] = {
+    # The test kit: real SDXL's rules at toy widths.
+    "sdxl": XLSize((32, 64), (TEXT_LAYERS, TEXT_LAYERS), (4, 4), (32, 64, 64), (1, 1, 2), 16, 8, 8, VAE_CHANNELS, SAMPLE_SIZE),
+    # SDXL base 1.0's sizes (2.57B-parameter UNet, CLIP-L + bigG), random weights: for benchmarks.
+    "sdxl-size": XLSize((768, 1280), (12, 32), (12, 20), (320, 640, 1280), (1, 2, 10), 64, 256, 32, (128, 256, 512, 512), 128),
+}
+
+
+def build_sdxl_unet(seed: int, size: XLSize = XL_SIZES["sdxl"]):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=SAMPLE_SIZE,
+        sample_size=size.sample_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=SDXL_UNET_CHANNELS,
+        block_out_channels=size.unet_channels,
         layers_per_block=2,
-        norm_num_groups=8,
-        transformer_layers_per_block=SDXL_TRANSFORMER_LAYERS,
-        cross_attention_dim=sum(SDXL_TEXT_HIDDEN),
-        attention_head_dim=tuple(c // 16 for c in SDXL_UNET_CHANNELS),  # 16-wide heads
+        norm_num_groups=size.norm_groups,
+        transformer_layers_per_block=size.transformer_layers,
+        cross_attention_dim=sum(size.text_hidden),
+        attention_head_dim=tuple(c // size.head_width for c in size.unet_channels),  # heads per level
         use_linear_projection=True,
         addition_embed_type="text_time",
-        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
-        # pooled bigG embedding + 6 time ids, each embedded to SDXL_TIME_EMBED_DIM
-        projection_class_embeddings_input_dim=SDXL_TEXT_HIDDEN[1] + 6 * SDXL_TIME_EMBED_DIM,
+        addition_time_embed_dim=size.time_embed_dim,
+        # pooled bigG embedding + 6 time ids, each embedded to time_embed_dim
+        projection_class_embeddings_input_dim=size.text_hidden[1] + 6 * size.time_embed_dim,
     )
 
 
-def build_sdxl_text_encoders(seed: int, pad_token_id_2: int):
+def build_sdxl_text_encoders(seed: int, pad_token_id_2: int, size: XLSize = XL_SIZES["sdxl"]):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    def config(hidden: int, act: str, pad: int) -> CLIPTextConfig:
+    def config(i: int, act: str, pad: int) -> CLIPTextConfig:
+        hidden = size.text_hidden[i]
         return CLIPTextConfig(
             vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4, projection_dim=hidden,
-            num_hidden_layers=TEXT_LAYERS, num_attention_heads=4, max_position_embeddings=77, hidden_act=act,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=pad,
+            num_hidden_layers=size.text_layers[i], num_attention_heads=size.text_heads[i], max_position_embeddings=77,
+            hidden_act=act, bos_token_id=49406, eos_token_id=49407, pad_token_id=pad,
         )
 
     torch.manual_seed(seed)
-    first = CLIPTextModel(config(SDXL_TEXT_HIDDEN[0], "quick_gelu", 49407))
+    first = CLIPTextModel(config(0, "quick_gelu", 49407))
     torch.manual_seed(seed + 1)
-    second = CLIPTextModelWithProjection(config(SDXL_TEXT_HIDDEN[1], "gelu", pad_token_id_2))
+    second = CLIPTextModelWithProjection(config(1, "gelu", pad_token_id_2))
     return first, second
 
 
@@ -195,8 +212,8 @@ def build_sdxl_scheduler():
     )
 
 
-def build_sdxl_pipeline(seed: int = 0):
-    """The tiny StableDiffusionXLPipeline in memory."""
+def build_sdxl_pipeline(seed: int = 0, size: XLSize = XL_SIZES["sdxl"]):
+    """An SDXL-layout StableDiffusionXLPipeline in memory (the tiny one by default)."""
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -204,12 +221,12 @@ def build_sdxl_pipeline(seed: int = 0):
         write_clip_tokenizer_files(Path(tok_dir), pad_token="<|endoftext|>")
         write_clip_tokenizer_files(Path(tok_dir_2), pad_token="!")
         tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tok_dir), CLIPTokenizer.from_pretrained(tok_dir_2)
-    text_encoder, text_encoder_2 = build_sdxl_text_encoders(seed, tokenizer_2.pad_token_id)
-    vae = build_vae(seed)
+    text_encoder, text_encoder_2 = build_sdxl_text_encoders(seed, tokenizer_2.pad_token_id, size)
+    vae = build_vae(seed, size.vae_channels, size.norm_groups, size.sample_size * 8)
     vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE scale; fp16-unsafe
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=build_sdxl_unet(seed), scheduler=build_sdxl_scheduler(),
+        tokenizer_2=tokenizer_2, unet=build_sdxl_unet(seed, size), scheduler=build_sdxl_scheduler(),
         force_zeros_for_empty_prompt=True,
     )
 
@@ -219,10 +236,10 @@ def build_pipeline(variant: str = "sd1", seed: int = 0):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    if variant == "sdxl":
-        return build_sdxl_pipeline(seed)
+    if variant in XL_SIZES:
+        return build_sdxl_pipeline(seed, XL_SIZES[variant])
     if variant not in VARIANTS:
-        raise UserError(f"unknown variant {variant!r}; choose one of {', '.join([*VARIANTS, 'sdxl'])}")
+        raise UserError(f"unknown variant {variant!r}; choose one of {', '.join([*VARIANTS, *XL_SIZES])}")
     v = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer_files(Path(tok_dir), pad_token=v.pad_token)
@@ -247,7 +264,7 @@ def _is_complete(out_dir: Path, settings: dict) -> bool:
     marker = out_dir / MARKER
     if not marker.is_file() or json.loads(marker.read_text()) != settings:
         return False
-    components = COMPONENTS + (("text_encoder_2", "tokenizer_2") if settings["variant"] == "sdxl" else ())
+    components = COMPONENTS + (("text_encoder_2", "tokenizer_2") if settings["variant"] in XL_SIZES else ())
     return (out_dir / "model_index.json").is_file() and all((out_dir / c).is_dir() for c in components)
 
 
@@ -261,12 +278,14 @@ def build_tiny_sd(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
         raise UserError(f"{out_dir} exists and is not a tiny model kit folder; choose another --out")
     pipe = build_pipeline(variant, seed)
+    if variant == "sdxl-size":
+        pipe.to(torch.float16)  # 7 GB instead of 14: benchmarks train in bf16 and load in fp32 anyway
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Real SD folders ship vocab.json + merges.txt (no tokenizer.json); keep that layout so
         # the loading path users hit is the one the tests exercise.
         shutil.rmtree(tmp / "tokenizer")
-        if variant == "sdxl":
+        if variant in XL_SIZES:
             write_clip_tokenizer_files(tmp / "tokenizer", pad_token="<|endoftext|>")
             shutil.rmtree(tmp / "tokenizer_2")
             write_clip_tokenizer_files(tmp / "tokenizer_2", pad_token="!")
@@ -279,7 +298,8 @@ def build_tiny_sd(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write (diffusers layout)")
-    parser.add_argument("--variant", choices=sorted([*VARIANTS, "sdxl"]), default="sd1")
+    parser.add_argument("--variant", choices=sorted([*VARIANTS, *XL_SIZES]), default="sd1",
+                        help="sdxl-size: SDXL base's real sizes with random weights (7 GB), for benchmarks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     path = build_tiny_sd(args.out, args.variant, args.seed)
