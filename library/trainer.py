@@ -82,7 +82,8 @@ class PFGTrainer:
         context = append_tokens(text_states, tokens)
         unet = self.model.unet
         dtype = next(unet.parameters()).dtype
-        kwargs = {"added_cond_kwargs": {k: v.to(dtype) for k, v in added.items()}} if added else {}
+        # SDXL's time ids stay fp32: bf16 would round sizes above 256 (1999 -> 2000) before the UNet embeds them.
+        kwargs = {"added_cond_kwargs": {k: v if k == "time_ids" else v.to(dtype) for k, v in added.items()}} if added else {}
         return unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype), **kwargs).sample
 
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
