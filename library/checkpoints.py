@@ -127,7 +127,8 @@ def detect_architecture(state_dict: StateDict, source: str = "checkpoint") -> st
     """Tell "sd1" from "sd2" by the tensors of an LDM-layout checkpoint; UserError for anything else."""
     keys = state_dict.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise UserError(f"{source}: this is an SDXL checkpoint; only SD1.x/SD2.x single files are supported")
+        raise UserError(f"{source}: this is an SDXL-family checkpoint, not SD1.x/SD2.x: SDXL base files load through "
+                        "library.models.load_sd_model; SDXL refiner files are not supported")
     if f"{UNET_PREFIX}input_blocks.0.0.weight" not in state_dict:
         hint = ""
         if any(k.startswith("lora_") for k in keys):

@@ -455,3 +455,16 @@ def test_sdxl_size_kit_has_sdxl_base_parameter_counts():
     counts = [sum(p.numel() for p in m.parameters()) for m in models]
     assert counts == [2_567_463_684, 123_060_480, 694_659_840, 83_653_863]
     assert models[0].config.cross_attention_dim == 2048 and models[0].config.projection_class_embeddings_input_dim == 2816
+
+
+def test_sdxl_refiner_file_is_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    from library.errors import UserError
+    from library.models import load_sd_model
+
+    path = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(path))
+    with pytest.raises(UserError, match="refiner"):
+        load_sd_model(str(path))
