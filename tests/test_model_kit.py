@@ -144,4 +144,7 @@ def test_demo_toml_points_at_the_demo_layout():
     assert general["resolution"] == 128 and general["enable_bucket"] is True
     assert general["bucket_reso_steps"] % 8 == 0
     (subset,) = config["datasets"][0]["subsets"]
-    assert subset["image_dir"] == "demo_output/data/images"
+    # training reads the train split that tools/fit_demo_models.py makes; evaluation the held-out one
+    assert subset["image_dir"] == "demo_output/data/train"
+    (held_out,) = toml.load(REPO / "configs" / "demo_eval_dataset.toml")["datasets"][0]["subsets"]
+    assert held_out["image_dir"] == "demo_output/data/heldout"
