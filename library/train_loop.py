@@ -71,6 +71,7 @@ class TrainLoop:
         # after_epoch(epoch, step) and at_end(step).
         self.hooks = hooks or []
         self.progress = Progress()
+        self._trained: list[torch.nn.Parameter] | None = None
 
     # -- sizes ------------------------------------------------------------------------------
 
@@ -128,11 +129,16 @@ class TrainLoop:
         device = self.accelerator.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Listed once: walking a peft-wrapped UNet's modules every step costs more than clipping."""
+        if self._trained is None:
+            self._trained = [p for m in self.trained_modules for p in m.parameters() if p.requires_grad]
+        return self._trained
+
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.options.max_grad_norm > 0:
-            params = [p for m in self.trained_modules for p in m.parameters() if p.requires_grad]
-            self.accelerator.clip_grad_norm_(params, self.options.max_grad_norm)
+            self.accelerator.clip_grad_norm_(self._trained_parameters(), self.options.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
