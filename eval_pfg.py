@@ -28,17 +28,13 @@ from library.errors import UserError, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli_config import parse_settings
-    from library.dataset_config import DatasetDefaults, config_from_train_data_dir, load_dataset_config
+    from library.dataset_config import dataset_config_from_settings
     from library.eval_settings import EvalSettings
 
     # 1. Settings and the held-out images: mistakes surface before any model loads.
     settings, _ = parse_settings(EvalSettings, argv, __doc__)
     settings.validate()
-    defaults = DatasetDefaults.from_settings(settings)
-    if settings.dataset_config:
-        dataset_config = load_dataset_config(settings.dataset_config, defaults)
-    else:
-        dataset_config = config_from_train_data_dir(settings.train_data_dir, defaults)
+    dataset_config = dataset_config_from_settings(settings)
     items = held_out_items(dataset_config, settings)
 
     import torch

@@ -454,12 +454,17 @@ def save_single_file(path: str | Path, unet: torch.nn.Module, vae: torch.nn.Modu
     The diffusers configs go into the metadata too, so our loader rebuilds exactly these models
     even where the shapes cannot tell (head counts, norm groups, prediction type when `scheduler` is given).
     """
-    path = Path(path)
     tensors = checkpoint_state_dict(unet, vae, text_encoder, variant, dtype)
-    configs = {"unet": _plain_config(unet.config), "vae": _plain_config(vae.config),
-               "text_encoder": _plain_config(text_encoder.config)}
-    if scheduler is not None:
-        configs["scheduler"] = _plain_config(scheduler.config)
+    models = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    return write_checkpoint_file(path, tensors, models, metadata)
+
+
+def write_checkpoint_file(path: str | Path, tensors: dict[str, torch.Tensor], models: dict[str, Any],
+                          metadata: dict[str, str] | None) -> Path:
+    """Write original-layout tensors as `.safetensors` (or `.ckpt`) atomically, with the diffusers
+    configs of `models` (name -> model or scheduler, None skipped) in the metadata."""
+    path = Path(path)
+    configs = {name: _plain_config(m.config) for name, m in models.items() if m is not None}
     meta = {CONFIG_METADATA_KEY: json.dumps(configs), **(metadata or {})}
     with atomic_path(path) as tmp:
         if path.suffix.lower() == ".safetensors":

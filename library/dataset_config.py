@@ -594,3 +594,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     run_cli(main)
+
+
+def dataset_config_from_settings(settings: Any) -> DatasetConfig:
+    """The dataset of a script's settings: `--dataset_config FILE` or `--train_data_dir DIR`, with
+    the command line's values (resolution, batch size, ...) as the lowest fallback."""
+    defaults = DatasetDefaults.from_settings(settings)
+    if getattr(settings, "dataset_config", None):
+        return load_dataset_config(settings.dataset_config, defaults)
+    return config_from_train_data_dir(settings.train_data_dir, defaults)

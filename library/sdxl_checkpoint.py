@@ -21,21 +21,20 @@ from typing import Any, Mapping
 import torch
 
 from library.checkpoints import (
-    CONFIG_METADATA_KEY,
     _count,
     _derive_text,
     _derive_unet,
     _groups,
     _hints,
     _load_into,
-    _plain_config,
     _prediction_type,
     _resolve,
     _tokenizer,
     _vae_config,
+    write_checkpoint_file,
 )
 from library.errors import UserError
-from library.fileio import atomic_dir, atomic_path
+from library.fileio import atomic_dir
 from library.ldm_keys import (
     SD1_TE_PREFIX,
     SD2_TE_PREFIX,
@@ -239,23 +238,9 @@ def save_sdxl_single_file(path: str | Path, unet, vae, text_encoder, text_encode
                           metadata: dict[str, str] | None = None, scheduler: Any | None = None) -> Path:
     """Write an SDXL `.safetensors` (or `.ckpt`) in the original layout, atomically, with our
     diffusers configs in the metadata so our loader rebuilds exactly these models."""
-    path = Path(path)
     tensors = sdxl_checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2, dtype)
-    configs = {"unet": _plain_config(unet.config), "vae": _plain_config(vae.config),
-               "text_encoder": _plain_config(text_encoder.config), "text_encoder_2": _plain_config(text_encoder_2.config)}
-    if scheduler is not None:
-        configs["scheduler"] = _plain_config(scheduler.config)
-    meta = {CONFIG_METADATA_KEY: json.dumps(configs), **(metadata or {})}
-    with atomic_path(path) as tmp:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(tmp), metadata=meta)
-        elif path.suffix.lower() in (".ckpt", ".pt"):
-            torch.save({"state_dict": tensors, "metadata": meta}, tmp)
-        else:
-            raise UserError(f"{path}: choose a .safetensors or .ckpt file name for the checkpoint")
-    return path
+    models = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "scheduler": scheduler}
+    return write_checkpoint_file(path, tensors, models, metadata)
 
 
 def save_sdxl_diffusers(folder: str | Path, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
