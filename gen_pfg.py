@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     pfg_name = Path(settings.pfg_weights).name if settings.pfg_weights else ""
     grid_rows = []
     for request in requests:
+        if not (request.width and request.height):
+            request = sampler.sized(request)
+            print(f"size {request.width}x{request.height} (chosen from the model; --W/--H set it)")
         results = []
         for start in range(0, settings.images_per_prompt, settings.batch_size):
             count = min(settings.batch_size, settings.images_per_prompt - start)

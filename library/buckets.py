@@ -224,3 +224,23 @@ def make_bucket_batches(
     if shuffle:
         rng.shuffle(batches)
     return [[int(i) for i in batch] for batch in batches]
+
+
+def generation_size(width: int, height: int, native: int, reference: Size | None = None) -> Size:
+    """The size to generate at; a side of 0 is left to the model.
+
+    Both open: the bucket a training image shaped like `reference` (the guide or init image) would
+    land in at the model's native resolution — for SDXL the familiar 1024² set (1216x832,
+    832x1216, 1344x768, ...) — or the native square without a reference. One open: the side that
+    keeps the native area.
+    """
+    step = 64 if native >= 512 else 8  # SD-sized models use kohya's 64 px bucket steps; tiny test models 8
+    if width and height:
+        return width, height
+    if width or height:
+        other = max(step, round(native * native / (width or height) / step) * step)
+        return (width, other) if width else (other, height)
+    if reference is None:
+        return native, native
+    return assign_bucket(reference, (native, native), min_bucket_reso=native // 2, max_bucket_reso=native * 2,
+                         bucket_reso_steps=step).bucket

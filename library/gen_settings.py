@@ -27,8 +27,8 @@ class GenSettings:
     negative_prompt: str = setting("", "negative prompt")
     from_file: str = setting("", "prompt file in kohya's line syntax (--n --w --h --d --s --l --i --ps)")
     clip_skip: int = setting(1, "use the k-th last text encoder layer (2 = penultimate)")
-    W: int = setting(512, "image width (multiple of 8)")
-    H: int = setting(512, "image height (multiple of 8)")
+    W: int = setting(0, "image width (multiple of 8); 0 = from the model: its native size, or the bucket nearest the guide/init image's aspect ratio (SDXL: 1024x1024, 832x1216, ...)")
+    H: int = setting(0, "image height (multiple of 8); 0 = from the model, as for --W")
     steps: int = setting(28, "sampling steps")
     scale: float = setting(7.0, "CFG scale")
     sampler: str = setting("euler_a", "sampler (kohya's names such as k_euler_a work too)", choices=(*SAMPLERS, *SAMPLER_ALIASES))
@@ -52,7 +52,7 @@ class GenSettings:
         if self.sdpa and self.xformers:
             raise UserError("--sdpa and --xformers exclude each other")
         for name, value in (("--W", self.W), ("--H", self.H)):
-            if value <= 0 or value % 8:
+            if value < 0 or value % 8:
                 lower, upper = max(8, value // 8 * 8), (value // 8 + 1) * 8
                 raise UserError(f"{name} {value} is not a positive multiple of 8 (the VAE works in 8-pixel cells); try {lower} or {upper}")
         guides = [*self.image, *self.negative_image, *self.features]

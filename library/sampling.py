@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +104,7 @@ class SampleRequest:
 
     def validate(self, source: str = "") -> None:
         where = f"{source}: " if source else ""
-        if self.width % 8 or self.height % 8 or self.width <= 0 or self.height <= 0:
+        if self.width % 8 or self.height % 8 or self.width < 0 or self.height < 0:  # 0: left to the model
             raise UserError(f"{where}width and height must be positive multiples of 8, got {self.width}x{self.height}")
         if self.sampler not in SAMPLERS:
             raise UserError(f"{where}unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -274,12 +274,30 @@ class PFGSampler:
         return pipe
 
     @torch.no_grad()
+    def sized(self, request: SampleRequest) -> SampleRequest:
+        """The request with a width or height of 0 chosen from the model (see `generation_size`):
+        the init image's shape, else the first guide image's, picks the bucket."""
+        if request.width and request.height:
+            return request
+        from library.buckets import generation_size
+        from library.images import ImageLoadError, load_image
+
+        native = int(self.model.unet.config.sample_size) * self.model.vae_scale_factor
+        shaped_like = request.init_image or next((g.path for g in request.guides if not g.path.endswith(".npz")), "")
+        try:
+            reference = load_image(shaped_like).size if shaped_like else None
+        except ImageLoadError as e:
+            raise UserError(str(e)) from None
+        width, height = generation_size(request.width, request.height, native, reference)
+        return replace(request, width=width, height=height)
+
     def generate(self, request: SampleRequest, count: int = 1) -> list[tuple[Image.Image, int]]:
         """`count` images with seeds seed, seed+1, ...: each image is reproducible on its own.
 
         Every image draws its noise from its own CPU generator (what diffusers does with a list
         of generators), so image k of a batch equals seed+k generated alone, on any device.
         """
+        request = self.sized(request)
         request.validate()
         cond, uncond = self.embeddings(request)
         seeds = [request.seed + i for i in range(count)]

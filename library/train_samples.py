@@ -56,6 +56,7 @@ class TrainingSamples:
                 m.eval()
             with torch.no_grad(), self.accelerator.autocast():
                 for index, request in enumerate(self.requests):
+                    request = sampler.sized(request)
                     (image, seed), = sampler.generate(request, 1)
                     path = self.out_dir / "sample" / f"{self.output_name}_{label}_{index:02d}_{seed}.png"
                     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from library.buckets import (
     BucketManager,
     assign_bucket,
     format_bucket_table,
+    generation_size,
     make_bucket_batches,
     make_bucket_resolutions,
 )
@@ -161,3 +162,19 @@ def test_batches_without_shuffle_follow_bucket_then_input_order():
     assert make_bucket_batches(buckets, 2, shuffle=False) == [[1, 3], [0, 2], [4]]
     with pytest.raises(ValueError):
         make_bucket_batches(buckets, 2)  # shuffling needs an rng
+
+
+@pytest.mark.parametrize("shape, size", [
+    ((1000, 1000), (1024, 1024)), ((1600, 1200), (1152, 896)), ((1500, 1000), (1216, 832)),
+    ((1920, 1080), (1344, 768)), ((2100, 900), (1536, 640)), ((1080, 1920), (768, 1344)),
+])
+def test_generation_size_picks_the_sdxl_bucket_of_the_guide_shape(shape, size):
+    """Left open, the size is the bucket the shape trains in: at 1024² the published SDXL sizes."""
+    assert generation_size(0, 0, 1024, shape) == size
+
+
+def test_generation_size_keeps_given_sides_and_the_native_area():
+    assert generation_size(576, 832, 1024, (1000, 1000)) == (576, 832)  # both given: used as given
+    assert generation_size(0, 0, 512, None) == (512, 512)  # no reference: the native square
+    assert generation_size(1216, 0, 1024) == (1216, 832)  # one given: the other keeps about 1024²
+    assert generation_size(0, 768, 512) == (320, 768)

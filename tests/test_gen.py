@@ -297,6 +297,16 @@ def test_prompt_file_with_every_option_renders(kit, tmp_path):
     assert second_fields["Sampler"] == "Euler" and second_fields["Seed"] == "9"
 
 
+def test_size_left_open_comes_from_the_model_and_the_guide_shape(kit, tmp_path):
+    """--W/--H 0: the tiny model's native 128 px area in the bucket of the 96x80 guide (6:5),
+    recorded in the PNG; without a guide, the native square."""
+    guided, = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g0"], "--W", "0", "--H", "0")
+    assert Image.open(guided).size == (136, 120)
+    assert parse_a1111_parameters(read_parameters(guided))["Size"] == "136x120"
+    plain, = _run(tmp_path, kit["sd1"], "--W", "0", "--H", "0")
+    assert Image.open(plain).size == (128, 128)
+
+
 def _available(sampler: str) -> bool:
     try:
         make_scheduler(sampler, {})
