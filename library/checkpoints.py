@@ -437,6 +437,11 @@ def checkpoint_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_enco
         raise ValueError(f"unknown variant {variant!r}")
     sd = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
           **text_encoder_to_ldm(text_encoder.state_dict(), variant)}
+    return saveable(sd, dtype)
+
+
+def saveable(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Detached contiguous CPU tensors, floating ones cast to `dtype` (None keeps them)."""
     out = {}
     for k, v in sd.items():
         v = v.detach().to("cpu")

@@ -31,6 +31,7 @@ from library.checkpoints import (
     _resolve,
     _tokenizer,
     _vae_config,
+    saveable,
     write_checkpoint_file,
 )
 from library.errors import UserError
@@ -116,13 +117,7 @@ def sdxl_checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2, dtype: t
     """All tensors of an SDXL single file, named as A1111/ComfyUI/diffusers read them."""
     sd = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
           **_clip_l_to_ldm(text_encoder.state_dict()), **_bigg_to_ldm(text_encoder_2.state_dict())}
-    out = {}
-    for k, v in sd.items():
-        v = v.detach().to("cpu")
-        if dtype is not None and v.is_floating_point():
-            v = v.to(dtype)
-        out[k] = v.contiguous()
-    return out
+    return saveable(sd, dtype)
 
 
 def _as_sd_text_keys(sd: StateDict, prefix: str, target: str) -> dict[str, torch.Tensor]:

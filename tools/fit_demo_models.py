@@ -17,7 +17,6 @@ Deterministic on CPU from --seed; about a minute on 2 cores. No held-out image i
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import shutil
@@ -36,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make `library` importable
 from library.errors import UserError, run_cli  # noqa: E402
 from library.fileio import atomic_dir  # noqa: E402
 from tools.make_tiny_tagger import (  # noqa: E402
-    CONFIG_FILE, MARKER, RATING_TAGS, WEIGHTS_FILE, TaggerConfig, _export, build_model,
+    MARKER, RATING_TAGS, TaggerConfig, build_model, write_tagger_folder,
 )
 
 HELDOUT_INDEX = 5  # the 6th image of each character: a PNG without caption file
@@ -173,16 +172,9 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
     if heldout:
         _report_identity(model, tensors(heldout), tensors(train)[0], heldout, train)
 
-    with atomic_dir(out) as tmp:
-        _export(model, tmp / "model.onnx")
-        torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
-        with open(tmp / "selected_tags.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["tag_id", "name", "category", "count"])
-            categories = [9] * len(RATING_TAGS) + [0] * len(general) + [4] * len(characters)
-            writer.writerows((9999999 - i, n, c, 1000) for i, (n, c) in enumerate(zip(names, categories)))
-        (tmp / MARKER).write_text(fingerprint)
+    categories = [9] * len(RATING_TAGS) + [0] * len(general) + [4] * len(characters)
+    rows = [(9999999 - i, n, c, 1000) for i, (n, c) in enumerate(zip(names, categories))]
+    write_tagger_folder(out, model, rows, fingerprint)
     return out
 
 

@@ -190,17 +190,22 @@ def build_tiny_tagger(
     if marker.is_file() and marker.read_text() == fingerprint:
         return out_dir
 
-    model = build_model(cfg)
+    write_tagger_folder(out_dir, build_model(cfg), tag_rows(cfg.num_tags), fingerprint)
+    return out_dir
+
+
+def write_tagger_folder(out_dir: Path, model: TinyTagger, rows: list[tuple[int, str, int, int]], fingerprint: str) -> None:
+    """The tagger folder, atomically: model.onnx, selected_tags.csv (the WD columns), the torch
+    weights and config the tests compare against, and the marker a rebuild checks."""
     with atomic_dir(out_dir) as tmp:
         _export(model, tmp / "model.onnx")
         torch.save(model.state_dict(), tmp / WEIGHTS_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(model.cfg), indent=2))
         with open(tmp / "selected_tags.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["tag_id", "name", "category", "count"])
-            writer.writerows(tag_rows(cfg.num_tags))
+            writer.writerows(rows)
         (tmp / MARKER).write_text(fingerprint)
-    return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
