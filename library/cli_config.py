@@ -54,9 +54,9 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
         kind, is_list = _base_type(hints[f.name])
         names = [f"--{f.name}", *f.metadata.get("flags", ())]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f.metadata.get("help", "")
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse %-formats help
         if kind is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             parser.add_argument(
                 *names,
@@ -66,7 +66,7 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
                 action="extend" if is_list else "store",
                 choices=f.metadata.get("choices"),
                 default=argparse.SUPPRESS,
-                help=f"{help_text} (default: {default})",
+                help=help_text,
             )
     return parser
 
