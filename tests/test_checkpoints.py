@@ -1,4 +1,4 @@
-"""Single-file checkpoints: exact round trips through our loader and diffusers, real key names,
+"""Single-file checkpoints: exact-weight round trips through our loader and diffusers, real key names,
 offline loading, pickle refusal, clear errors and save precision."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from library.checkpoints import (
 )
 from library.errors import UserError
 from library.ldm_keys import UNET_PREFIX, VAE_PREFIX, text_encoder_to_ldm, unet_key_map, vae_key_map
+from tests.assertions import assert_same_output, assert_same_weights
 
 VARIANTS = ["sd1", "sd2"]
 
@@ -53,13 +54,15 @@ def _inputs(pipe, seed: int = 0):
 def _assert_same_models(pipe, unet, vae, text_encoder):
     latents, context, ids = _inputs(pipe)
     t = torch.tensor([500])
-    assert torch.equal(pipe.unet(latents, t, context).sample, unet(latents, t, context).sample)
-    assert torch.equal(pipe.vae.decode(latents).sample, vae.decode(latents).sample)
+    for want, got in [(pipe.unet, unet), (pipe.vae, vae), (pipe.text_encoder, text_encoder)]:
+        assert_same_weights(want, got)
+    assert_same_output(unet(latents, t, context).sample, pipe.unet(latents, t, context).sample)
+    assert_same_output(vae.decode(latents).sample, pipe.vae.decode(latents).sample)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    assert torch.equal(pipe.vae.encode(image).latent_dist.mean, vae.encode(image).latent_dist.mean)
+    assert_same_output(vae.encode(image).latent_dist.mean, pipe.vae.encode(image).latent_dist.mean)
     a, b = pipe.text_encoder(ids, output_hidden_states=True), text_encoder(ids, output_hidden_states=True)
-    assert torch.equal(a.last_hidden_state, b.last_hidden_state)
-    assert torch.equal(a.hidden_states[-2], b.hidden_states[-2])  # clip skip 2 sees the same layer
+    assert_same_output(b.last_hidden_state, a.last_hidden_state)
+    assert_same_output(b.hidden_states[-2], a.hidden_states[-2])  # clip skip 2 sees the same layer
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -283,7 +286,9 @@ def test_load_vae_from_every_layout(exported, tmp_path):
     sources = [folder, folder / "vae", folder / "vae" / "diffusion_pytorch_model.safetensors", path,
                tmp_path / "bare.safetensors", tmp_path / "prefixed.ckpt"]
     for source in sources:
-        assert torch.equal(load_vae(source).decode(latents).sample, expected), source
+        vae = load_vae(source)
+        assert_same_weights(pipe.vae, vae)
+        assert_same_output(vae.decode(latents).sample, expected)
     save_file(bare, str(tmp_path / "foreign.safetensors"))  # no configs: widths from the shapes
     assert list(load_vae(tmp_path / "foreign.safetensors").config.block_out_channels) == [16, 32, 64, 64]
     save_file({"x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import torch
+
+from tests.assertions import assert_same_output, assert_same_weights
 
 
 def test_tiny_sdxl_kit_is_an_sdxl_pipeline(tiny_sdxl):
@@ -67,15 +68,18 @@ def test_single_file_round_trip(tiny_sdxl, sdxl_model, tmp_path):
 
     expected = _unet_out(m.unet)
     ours = load_sd_model(str(path))
-    assert ours.variant == "sdxl" and torch.equal(_unet_out(ours.unet), expected)
+    assert ours.variant == "sdxl"
+    assert_same_weights(m.unet, ours.unet)
+    assert_same_output(_unet_out(ours.unet), expected)
     ids = torch.randint(0, 49406, (1, 77), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert torch.equal(ours.text_encoder_2(ids).text_embeds, m.text_encoder_2(ids).text_embeds)
+        assert_same_output(ours.text_encoder_2(ids).text_embeds, m.text_encoder_2(ids).text_embeds)
     theirs = diffusers.StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl), local_files_only=True)
-    assert torch.equal(_unet_out(theirs.unet), expected)
+    assert_same_weights(m.unet, theirs.unet)
+    assert_same_output(_unet_out(theirs.unet), expected)
     with torch.no_grad():
-        assert torch.equal(theirs.text_encoder_2(ids).text_embeds, m.text_encoder_2(ids).text_embeds)
-        assert torch.equal(theirs.text_encoder(ids).last_hidden_state, m.text_encoder(ids).last_hidden_state)
+        assert_same_output(theirs.text_encoder_2(ids).text_embeds, m.text_encoder_2(ids).text_embeds)
+        assert_same_output(theirs.text_encoder(ids).last_hidden_state, m.text_encoder(ids).last_hidden_state)
 
     # A file made elsewhere (no embedded configs) builds from the tensor shapes alone.
     save_file(dict(load_file(str(path))), str(tmp_path / "foreign.safetensors"))
@@ -420,7 +424,9 @@ def test_sdxl_diffusers_folder_and_ckpt_exports_load_back(sdxl_model, tmp_path):
     assert next(m.unet.parameters()).dtype == torch.float32  # the caller's model was not cast
     assert torch.allclose(_unet_out(from_folder.unet.float()), _unet_out(m.unet), atol=1e-2)
     ckpt = save_sdxl_single_file(tmp_path / "xl.ckpt", m.unet, m.vae, m.text_encoder, m.text_encoder_2, scheduler=scheduler)
-    assert torch.equal(_unet_out(load_sd_model(str(ckpt)).unet), _unet_out(m.unet))
+    from_ckpt = load_sd_model(str(ckpt)).unet
+    assert_same_weights(m.unet, from_ckpt)
+    assert_same_output(_unet_out(from_ckpt), _unet_out(m.unet))
 
 
 def test_lora_training_continues_an_sdxl_lora(tiny_sdxl, prepared_dataset, trained_lora, tmp_path, fresh_accelerate_state):
