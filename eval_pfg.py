@@ -8,14 +8,14 @@ Three numbers (library/evaluation.py computes them; the trainer's validation use
   conditioning gain     denoising loss with other images' vectors minus with the image's own,
                         fixed seeded noise at --num_timesteps timesteps; bootstrap 95% interval
   denoising retrieval   how often the own vector gives the lowest loss among --candidates K
-  generation retrieval  generate from each guide, encode the result; cosine similarity to its own
-                        guide vs the others and top-1 retrieval (CLIP-I), per encoder
+  generation retrieval  generate --images_per_guide images from each guide, encode them; cosine
+                        similarity to the own guide vs the others and top-1 retrieval (CLIP-I), per encoder
 The recipe: settings -> held-out items -> model, PFG head, encoders -> vectors and latents ->
 denoising metrics -> generation -> table, JSON, contact sheet.
 
 JSON keys: model, pfg_weights, encoder, images, seed, denoising {timesteps, candidates,
 loss_own, loss_shuffled, gain {mean, low, high, above_zero}, retrieval {top1, chance, ratio}},
-generation (null with --no-generate) {prompt, W, H, steps, scale, sampler, encoder {own_similarity,
+generation (null with --no-generate) {prompt, W, H, steps, scale, sampler, images_per_guide, encoder {own_similarity,
 other_similarity, top1, chance, ratio}, second_encoder (same keys, or null)}.
 """
 from __future__ import annotations
@@ -141,7 +141,8 @@ def item_features(items: list, encoder):
 
 
 def generation_metrics(settings, model, adapter, encoder, second, prompt_encoder, items, features, device, dtype):
-    """Generate one image per held-out guide (seed + i) and compare it with every guide."""
+    """Generate --images_per_guide images per held-out guide (image j of guide i: seed + i * n + j)
+    and compare each with every guide."""
     import torch
 
     from library.evaluation import generation_retrieval
@@ -149,23 +150,26 @@ def generation_metrics(settings, model, adapter, encoder, second, prompt_encoder
     from library.sampling import Guide, PFGSampler, SampleRequest
 
     sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
-    generated = []
+    per_guide = settings.images_per_guide
+    generated = []  # one list of images per guide
     for i, item in enumerate(items):
         request = SampleRequest(
             prompt=settings.prompt, negative_prompt=settings.negative_prompt, width=settings.W, height=settings.H,
-            steps=settings.steps, scale=settings.scale, seed=settings.seed + i, sampler=settings.sampler,
+            steps=settings.steps, scale=settings.scale, seed=settings.seed + i * per_guide, sampler=settings.sampler,
             pfg_scale=settings.pfg_scale, guides=(Guide(str(item.image_path)),),
         )
-        generated.append(sampler.generate(request)[0][0])
+        generated.append([image for image, _ in sampler.generate(request, per_guide)])
+    flat = [image for images in generated for image in images]
+    owners = torch.arange(len(items)).repeat_interleave(per_guide)
     report = {
         "prompt": settings.prompt, "W": settings.W, "H": settings.H, "steps": settings.steps,
-        "scale": settings.scale, "sampler": settings.sampler,
-        "encoder": generation_retrieval(torch.from_numpy(encoder.encode(generated)), features).as_dict(),
+        "scale": settings.scale, "sampler": settings.sampler, "images_per_guide": per_guide,
+        "encoder": generation_retrieval(torch.from_numpy(encoder.encode(flat)), features, owners).as_dict(),
         "second_encoder": None,
     }
     if second is not None:
         guides = torch.from_numpy(second.encode([load_image(item.image_path) for item in items]))
-        report["second_encoder"] = {"id": second.encoder_id, **generation_retrieval(torch.from_numpy(second.encode(generated)), guides).as_dict()}
+        report["second_encoder"] = {"id": second.encoder_id, **generation_retrieval(torch.from_numpy(second.encode(flat)), guides, owners).as_dict()}
     return report, generated
 
 
@@ -204,7 +208,7 @@ def write_outputs(settings, result: dict, items: list, generated: list) -> None:
         from library.image_outputs import contact_sheet, save_png
         from library.images import load_image
 
-        rows = [(load_image(item.image_path), [image]) for item, image in zip(items, generated)]
+        rows = [(load_image(item.image_path), images) for item, images in zip(items, generated)]
         labels = [item.image_path.stem for item in items]
         path = Path(settings.contact_sheet)
         save_png(contact_sheet(rows, cell=160, label_rows=labels), path, "contact sheet: held-out guide image, then what the model generated from it")

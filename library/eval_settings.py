@@ -34,6 +34,7 @@ class EvalSettings:
     seed: int = setting(0, "seed of the noise, the candidate sets, the bootstrap and the generation")
     # generation retrieval
     generate: bool = setting(True, "also generate from every held-out image and measure its similarity (--no-generate skips)")
+    images_per_guide: int = setting(4, "images generated from each guide (seeds differ); more average out the luck of single seeds")
     second_encoder: str = setting("", "an independent encoder for generation retrieval too (e.g. a CLIP vision folder)")
     prompt: str = setting("illustration of *", "prompt for generation: the guide image alone should carry identity")
     negative_prompt: str = setting("", "negative prompt for generation")
@@ -64,6 +65,8 @@ class EvalSettings:
             raise UserError(f"--num_timesteps must be at least 1, got {self.num_timesteps}")
         if self.candidates < 2:
             raise UserError(f"--candidates must be at least 2 (the own vector and one other), got {self.candidates}")
+        if self.images_per_guide < 1:
+            raise UserError(f"--images_per_guide must be at least 1, got {self.images_per_guide}")
         if self.num_images < 0 or self.n_boot < 1:
             raise UserError("--num_images must be >= 0 and --n_boot >= 1")
         if self.W % 8 or self.H % 8 or self.W <= 0 or self.H <= 0:

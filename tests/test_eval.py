@@ -74,6 +74,12 @@ def test_generation_retrieval_on_synthetic_vectors():
     assert shifted.retrieval.top1 == 0.0 and shifted.own_similarity < shifted.other_similarity + 0.5
     sim = cosine_matrix(guides, guides)
     assert torch.allclose(sim.diagonal(), torch.ones(6, dtype=torch.float64))
+    # two images per guide, rows grouped by guide; one of guide 0's images drawn from guide 1
+    rows = torch.cat([close, close + 0.01]).view(2, 6, 32).transpose(0, 1).reshape(12, 32).clone()
+    rows[1] = guides[1]
+    owners = torch.arange(6).repeat_interleave(2)
+    several = generation_retrieval(rows, guides, owners)
+    assert several.retrieval.top1 == pytest.approx(11 / 12) and several.retrieval.chance == pytest.approx(1 / 6)
 
 
 # -- the shortened demo, through the entry points -----------------------------------------
@@ -130,7 +136,8 @@ def test_split_keeps_held_out_images_away_from_training(short_demo):
 
 def test_short_demo_training_gives_a_positive_gain_and_documented_json(short_demo, tmp_path, capsys):
     result = _eval(short_demo, short_demo["pfg"], tmp_path / "eval.json",
-                   "--num_timesteps", "16", "--W", "64", "--H", "64", "--steps", "4", "--contact_sheet", str(tmp_path / "sheet.png"))
+                   "--num_timesteps", "16", "--W", "64", "--H", "64", "--steps", "4", "--images_per_guide", "2",
+                   "--contact_sheet", str(tmp_path / "sheet.png"))
     gain = result["denoising"]["gain"]
     assert gain["low"] > 0 and gain["above_zero"], gain
     assert set(result) == {"model", "pfg_weights", "encoder", "images", "seed", "denoising", "generation"}
@@ -139,12 +146,12 @@ def test_short_demo_training_gives_a_positive_gain_and_documented_json(short_dem
     assert set(result["denoising"]["retrieval"]) == {"top1", "chance", "ratio"}
     generation = result["generation"]
     assert set(generation["encoder"]) == {"own_similarity", "other_similarity", "top1", "chance", "ratio"}
-    assert generation["second_encoder"] is None and generation["W"] == 64
+    assert generation["second_encoder"] is None and generation["W"] == 64 and generation["images_per_guide"] == 2
     assert len(result["images"]) == 6 and all(name.split(".")[0].endswith("_05") for name in result["images"])
     from PIL import Image
 
     with Image.open(tmp_path / "sheet.png") as sheet:
-        assert sheet.size == (2 * 160, 6 * 160)  # guide and generated image, one row per held-out image
+        assert sheet.size == (3 * 160, 6 * 160)  # guide and its 2 generated images, one row per held-out image
     printed = capsys.readouterr().out
     assert "conditioning gain" in printed and "generation, encoder" in printed
 
