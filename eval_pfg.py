@@ -15,7 +15,7 @@ denoising metrics -> generation -> table, JSON, contact sheet.
 
 JSON keys: model, pfg_weights, encoder, images, seed, denoising {timesteps, candidates,
 loss_own, loss_shuffled, gain {mean, low, high, above_zero}, retrieval {top1, chance, ratio}},
-generation (null with --no-generate) {prompt, W, H, steps, scale, sampler, images_per_guide, encoder {own_similarity,
+generation (null with --no-generate) {prompt, sizes (WxH per guide), steps, scale, sampler, images_per_guide, encoder {own_similarity,
 other_similarity, top1, chance, ratio}, second_encoder (same keys, or null)}.
 """
 from __future__ import annotations
@@ -152,17 +152,19 @@ def generation_metrics(settings, model, adapter, encoder, second, prompt_encoder
     sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
     per_guide = settings.images_per_guide
     generated = []  # one list of images per guide
+    sizes = []
     for i, item in enumerate(items):
-        request = SampleRequest(
+        request = sampler.sized(SampleRequest(
             prompt=settings.prompt, negative_prompt=settings.negative_prompt, width=settings.W, height=settings.H,
             steps=settings.steps, scale=settings.scale, seed=settings.seed + i * per_guide, sampler=settings.sampler,
             pfg_scale=settings.pfg_scale, guides=(Guide(str(item.image_path)),),
-        )
+        ))
+        sizes.append(f"{request.width}x{request.height}")
         generated.append([image for image, _ in sampler.generate(request, per_guide)])
     flat = [image for images in generated for image in images]
     owners = torch.arange(len(items)).repeat_interleave(per_guide)
     report = {
-        "prompt": settings.prompt, "W": settings.W, "H": settings.H, "steps": settings.steps,
+        "prompt": settings.prompt, "sizes": sizes, "steps": settings.steps,
         "scale": settings.scale, "sampler": settings.sampler, "images_per_guide": per_guide,
         "encoder": generation_retrieval(torch.from_numpy(encoder.encode(flat)), features, owners).as_dict(),
         "second_encoder": None,

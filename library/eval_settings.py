@@ -39,8 +39,8 @@ class EvalSettings:
     prompt: str = setting("illustration of *", "prompt for generation: the guide image alone should carry identity")
     negative_prompt: str = setting("", "negative prompt for generation")
     pfg_scale: float = setting(1.0, "tokens = pfg_scale * PFG(feature)")
-    W: int = setting(512, "generated image width (multiple of 8)")
-    H: int = setting(512, "generated image height (multiple of 8)")
+    W: int = setting(0, "generated image width (multiple of 8); 0 = from the model, as in gen_pfg.py (its bucket nearest the guide's aspect ratio)")
+    H: int = setting(0, "generated image height (multiple of 8); 0 = from the model, as for --W")
     steps: int = setting(28, "sampling steps")
     scale: float = setting(7.0, "CFG scale")
     sampler: str = setting("euler_a", "sampler", choices=tuple(SAMPLERS))
@@ -69,7 +69,7 @@ class EvalSettings:
             raise UserError(f"--images_per_guide must be at least 1, got {self.images_per_guide}")
         if self.num_images < 0 or self.n_boot < 1:
             raise UserError("--num_images must be >= 0 and --n_boot >= 1")
-        if self.W % 8 or self.H % 8 or self.W <= 0 or self.H <= 0:
-            raise UserError(f"--W and --H must be positive multiples of 8, got {self.W}x{self.H}")
+        if self.W % 8 or self.H % 8 or self.W < 0 or self.H < 0:
+            raise UserError(f"--W and --H must be multiples of 8 (0 = from the model), got {self.W}x{self.H}")
         if self.network_mul and len(self.network_mul) != len(self.network_weights):
             raise UserError(f"--network_mul has {len(self.network_mul)} values for {len(self.network_weights)} --network_weights files")

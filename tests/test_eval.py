@@ -146,7 +146,7 @@ def test_short_demo_training_gives_a_positive_gain_and_documented_json(short_dem
     assert set(result["denoising"]["retrieval"]) == {"top1", "chance", "ratio"}
     generation = result["generation"]
     assert set(generation["encoder"]) == {"own_similarity", "other_similarity", "top1", "chance", "ratio"}
-    assert generation["second_encoder"] is None and generation["W"] == 64 and generation["images_per_guide"] == 2
+    assert generation["second_encoder"] is None and generation["sizes"] == ["64x64"] * 6 and generation["images_per_guide"] == 2
     assert len(result["images"]) == 6 and all(name.split(".")[0].endswith("_05") for name in result["images"])
     from PIL import Image
 

@@ -7,12 +7,15 @@ tiny VAE to their pixels, so PFG vectors carry identity and decoded images are r
 Writes (each folder atomically, rebuilt only when its inputs or settings change):
   DATA/train/, DATA/heldout/   the demo images split by ground truth: image k = HELDOUT_INDEX of
                                every character is held out for evaluation, the trainer never sees it
-  OUT/demo-tagger/             a WD-style ONNX tagger (the interface of tools/make_tiny_tagger.py,
-                               224 px) whose tags are the demo tags of characters.json, fitted on
-                               the training split plus fresh drawings of the characters
   OUT/demo-sd1/                the base model with a VAE fitted to the training images and a
                                latent scaling factor measured on them (as SD's 0.18215 was)
-Deterministic on CPU from --seed; about a minute on 2 cores. No held-out image is fitted on.
+  OUT/demo-tagger/             a WD-style ONNX tagger (the interface of tools/make_tiny_tagger.py,
+                               224 px) whose tags are the demo tags of characters.json, fitted on
+                               the training split plus fresh drawings of the characters, each as
+                               drawn and as the fitted VAE decodes it
+Deterministic on CPU from --seed; about five minutes on one core (the VAE is most of it: a
+weaker VAE blurs the characters past recognition, see docs/BENCHMARKS.md). No held-out image
+is fitted on.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ TAGGER_RENDERS = 10  # fresh drawings per character for fitting the tagger
 MODEL_NAME = "demo-sd1"
 VAE_CROP = 64  # the VAE is convolutional: fitting on crops is 4x cheaper than whole 128 px images
 VAE_SIZE = 128  # the demo's training resolution
-VAE_BATCH = 4
+VAE_BATCH = 8
+VAE_LR = 2e-3
 
 
 # -- the split --------------------------------------------------------------------------------
@@ -125,15 +129,38 @@ def _render_extra(truth: dict, per_character: int, seed: int) -> list[tuple[obje
     return rendered
 
 
-def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]], truth: dict, out: Path, steps: int, seed: int) -> Path:
-    """Fit the tiny ViT tagger to the demo tags (multi-label BCE) and export it as a WD tagger."""
+@torch.no_grad()
+def _vae_round_trips(examples: list[tuple[object, dict]], model: Path) -> list[tuple[object, dict]]:
+    """The drawings as the demo model's VAE renders them (encode, decode at about VAE_SIZE² pixels).
+    Generated images only ever exist as VAE decodes: a real WD tagger has seen countless SD outputs,
+    the demo tagger learns what this VAE's blur and colour shifts look like the same way."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(model / "vae").eval()
+    decoded = []
+    for image, entry in examples:
+        scale = VAE_SIZE / (image.width * image.height) ** 0.5
+        size = (max(8, round(image.width * scale / 8) * 8), max(8, round(image.height * scale / 8) * 8))
+        pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+        x = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None]
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample[0].clamp(-1, 1)
+        decoded.append((Image.fromarray(((y.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype(np.uint8)), entry))
+    return decoded
+
+
+def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]], truth: dict, out: Path, steps: int,
+               seed: int, vae_model: Path) -> Path:
+    """Fit the tiny ViT tagger to the demo tags (multi-label BCE) and export it as a WD tagger.
+    It sees every drawing twice: as drawn, and after a round trip through `vae_model`'s VAE."""
     from library.encoders import wd_preprocess
     from library.images import load_image
 
     general, characters = demo_tag_names(truth)
     names = RATING_TAGS + general + characters
     cfg = TaggerConfig(image_size=TAGGER_SIZE, num_tags=len(names), seed=seed)
-    settings = {"config": asdict(cfg), "steps": steps, "tags": names, "rendered": TAGGER_RENDERS, "batch": TAGGER_BATCH}
+    settings = {"config": asdict(cfg), "steps": steps, "tags": names, "rendered": TAGGER_RENDERS, "batch": TAGGER_BATCH,
+                "vae": (vae_model / MARKER).read_text()}
     fingerprint = _hash_files([p for p, _ in train], settings)
     if (out / MARKER).is_file() and (out / MARKER).read_text() == fingerprint:
         return out
@@ -148,7 +175,8 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
         images = [load_image(x) if isinstance(x, Path) else x for x, _ in examples]
         return torch.from_numpy(np.stack([wd_preprocess(im, cfg.image_size, cfg.layout) for im in images])), targets
 
-    inputs, targets = tensors(train + _render_extra(truth, TAGGER_RENDERS, seed))
+    drawn = [(load_image(x) if isinstance(x, Path) else x, entry) for x, entry in train + _render_extra(truth, TAGGER_RENDERS, seed)]
+    inputs, targets = tensors(drawn + _vae_round_trips(drawn, vae_model))
     model = build_model(cfg)
     character = targets[:, -len(characters):].argmax(dim=1)
     prototypes = torch.nn.Parameter(torch.randn(len(characters), cfg.embed_dim) * 0.02)
@@ -168,9 +196,11 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
         loss.backward()
         optimizer.step()
     model.eval()
-    print(f"tagger: {steps} steps on {len(inputs)} images ({len(train)} training + rendered), final loss {loss.item():.4f}")
+    print(f"tagger: {steps} steps on {len(inputs)} images ({len(train)} training + rendered, each also VAE-decoded), final loss {loss.item():.4f}")
     if heldout:
         _report_identity(model, tensors(heldout), tensors(train)[0], heldout, train)
+        decoded = _vae_round_trips([(load_image(p), entry) for p, entry in heldout], vae_model)
+        _report_identity(model, tensors(decoded), tensors(train)[0], heldout, train, "VAE-decoded held-out")
 
     categories = [9] * len(RATING_TAGS) + [0] * len(general) + [4] * len(characters)
     rows = [(9999999 - i, n, c, 1000) for i, (n, c) in enumerate(zip(names, categories))]
@@ -179,7 +209,7 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
 
 
 @torch.no_grad()
-def _report_identity(model, heldout_tensors, train_inputs, heldout, train) -> None:
+def _report_identity(model, heldout_tensors, train_inputs, heldout, train, what: str = "held-out") -> None:
     """The evidence that vectors carry identity: held-out tag accuracy, and how often a held-out
     image's nearest training vector (cosine) shows the same character."""
     inputs, targets = heldout_tensors
@@ -188,7 +218,7 @@ def _report_identity(model, heldout_tensors, train_inputs, heldout, train) -> No
     keys = F.normalize(model.pooled(train_inputs), dim=1)
     nearest = (query @ keys.T).argmax(dim=1).tolist()
     same = sum(train[j][1]["character"] == entry["character"] for j, (_, entry) in zip(nearest, heldout))
-    print(f"tagger: held-out tag accuracy {accuracy:.3f}; nearest training vector shows the same character for {same}/{len(heldout)} held-out images")
+    print(f"tagger: {what} tag accuracy {accuracy:.3f}; nearest training vector shows the same character for {same}/{len(heldout)} {what} images")
 
 
 # -- the VAE ----------------------------------------------------------------------------------
@@ -224,7 +254,7 @@ def fit_vae(base: Path, train: list[tuple[Path, dict]], heldout: list[tuple[Path
     on posterior means) and `scaling_factor` set so the scaled latents have unit variance."""
     from diffusers import AutoencoderKL
 
-    settings = {"steps": steps, "seed": seed, "crop": VAE_CROP, "size": VAE_SIZE, "batch": VAE_BATCH}
+    settings = {"steps": steps, "seed": seed, "crop": VAE_CROP, "size": VAE_SIZE, "batch": VAE_BATCH, "lr": VAE_LR}
     fingerprint = _hash_files([p for p, _ in train] + sorted((base / "vae").iterdir()), settings)
     if (out / MARKER).is_file() and (out / MARKER).read_text() == fingerprint:
         return out
@@ -233,7 +263,7 @@ def fit_vae(base: Path, train: list[tuple[Path, dict]], heldout: list[tuple[Path
     images = torch.stack([_square_pixels(p, VAE_SIZE) for p, _ in train])
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
     vae.train()
     for _ in range(steps):
         pick = torch.randint(0, len(images), (VAE_BATCH,), generator=generator)
@@ -272,7 +302,7 @@ def fit_vae(base: Path, train: list[tuple[Path, dict]], heldout: list[tuple[Path
 # -- the command ------------------------------------------------------------------------------
 
 
-def fit_demo_models(data: Path, base_model: Path, out: Path, tagger_steps: int = 150, vae_steps: int = 400, seed: int = 0) -> dict[str, Path]:
+def fit_demo_models(data: Path, base_model: Path, out: Path, tagger_steps: int = 300, vae_steps: int = 1200, seed: int = 0) -> dict[str, Path]:
     """The whole demo world; returns the paths of what it wrote."""
     truth = read_ground_truth(data)
     if not (base_model / "vae").is_dir():
@@ -280,8 +310,8 @@ def fit_demo_models(data: Path, base_model: Path, out: Path, tagger_steps: int =
     train_dir, heldout_dir = split_demo_images(data, truth)
     train, heldout = _labelled_images(train_dir, truth), _labelled_images(heldout_dir, truth)
     started = time.time()
-    tagger = fit_tagger(train, heldout, truth, out / TAGGER_NAME, tagger_steps, seed)
     model = fit_vae(base_model, train, heldout, out / MODEL_NAME, vae_steps, seed)
+    tagger = fit_tagger(train, heldout, truth, out / TAGGER_NAME, tagger_steps, seed, model)
     print(f"demo models ready in {time.time() - started:.0f} s: {len(train)} training and {len(heldout)} held-out images")
     return {"train": train_dir, "heldout": heldout_dir, "tagger": tagger, "model": model}
 
@@ -291,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="demo dataset folder (with characters.json)")
     p.add_argument("--base_model", type=Path, required=True, help="tiny SD diffusers folder whose VAE is fitted")
     p.add_argument("--out", type=Path, required=True, help="folder receiving demo-tagger/ and demo-sd1/")
-    p.add_argument("--tagger_steps", type=int, default=150)
-    p.add_argument("--vae_steps", type=int, default=400)
+    p.add_argument("--tagger_steps", type=int, default=300)
+    p.add_argument("--vae_steps", type=int, default=1200)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     paths = fit_demo_models(args.data, args.base_model, args.out, args.tagger_steps, args.vae_steps, args.seed)
