@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source tools/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# One thread per process: the tiny models gain nothing from more, and the fitted demo models
-# (and so the numbers below) come out the same on every machine.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# A fixed two threads per process: fitting runs 1.75x faster than on one (training 1.07x), the
+# fitted demo models (and so the numbers) do not depend on the machine's core count, and a
+# loaded machine is not oversubscribed as it is with one thread per core.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 out=demo_output
 started=$SECONDS
 

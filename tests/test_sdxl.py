@@ -330,10 +330,16 @@ def test_eval_pfg_runs_on_sdxl(sdxl_gen_kit, prepared_dataset, tmp_path):
     assert eval_pfg.main([
         "--pretrained_model_name_or_path", str(sdxl_gen_kit["model"]), "--pfg_weights", str(sdxl_gen_kit["pfg"]),
         "--tagger_model", str(sdxl_gen_kit["tagger"]), "--dataset_config", str(prepared_dataset), "--output_json", str(out),
-        "--num_timesteps", "2", "--candidates", "2", "--W", "64", "--H", "64", "--steps", "2",
+        "--num_timesteps", "2", "--candidates", "2", "--steps", "2", "--images_per_guide", "1",
     ]) == 0
     result = json.loads(out.read_text())
     assert result["denoising"]["candidates"] == 2 and result["generation"] is not None
+    # no --W/--H: each guide's size comes from the model, as in gen_pfg.py (the SDXL bucket set at its native area)
+    native = json.loads((sdxl_gen_kit["model"] / "unet" / "config.json").read_text())["sample_size"] * 8
+    assert result["generation"]["sizes"]
+    for size in result["generation"]["sizes"]:
+        w, h = map(int, size.split("x"))
+        assert w % 8 == 0 and h % 8 == 0 and 0.8 * native**2 <= w * h <= 1.1 * native**2, (size, native)
 
 
 def test_sdxl_vae_stays_fp32_under_fp16_unless_a_fixed_vae_is_given(sdxl_model):
