@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensure_features(items, settings, accelerator) -> None:
-    """With --tagger_model, compute missing vector caches through prepare_features.py itself
-    (each process takes its share, as when it runs alone)."""
-    if not settings.tagger_model or all(item.feature_path.is_file() for item in items):
+    """With --tagger_model, bring the vector caches up to date through prepare_features.py itself:
+    it keeps the valid ones and recomputes missing ones, those of edited images and those of
+    another encoder (each process takes its share, as when it runs alone)."""
+    if not settings.tagger_model:
         return
     import prepare_features
 

@@ -475,7 +475,10 @@ def write_checkpoint_file(path: str | Path, tensors: dict[str, torch.Tensor], mo
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(tensors, str(tmp), metadata=meta)
+            from library.metadata import with_hashes
+
+            # sshs_* hashes, as kohya precomputes them: webui extensions need not reread the file
+            save_file(tensors, str(tmp), metadata=with_hashes(tensors, meta))
         elif path.suffix.lower() in (".ckpt", ".pt"):
             torch.save({"state_dict": tensors, "metadata": meta}, tmp)
         else:

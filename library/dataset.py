@@ -20,7 +20,7 @@ from library.buckets import BucketAssignment, BucketManager, make_bucket_batches
 from library.captions import process_caption, resolve_caption
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
-from library.features import feature_cache_path, read_encoder_id, read_feature
+from library.features import feature_cache_path, matches_image, read_encoder_id, read_feature
 from library.images import ImageLoadError, list_images
 from library.latents import bucket_pixels, latent_cache_path
 from library.text_sdxl import time_ids
@@ -77,15 +77,28 @@ def collect_items(config: DatasetConfig, pfg_prompt: str) -> tuple[list[TrainIte
     return items, failures
 
 
+def _listed(paths: list[str]) -> str:
+    return "\n  ".join(paths[:5]) + (f"\n  ... and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
 def load_features(items: list[TrainItem]) -> tuple[torch.Tensor, str]:
     """All PFG vectors (num_items, D) and the id of the encoder that made them. Missing caches,
-    caches from different encoders and non-finite vectors are one clear error."""
+    caches of images edited since, caches from another encoder than the subset pins or from
+    different encoders, and non-finite vectors are each one clear error: never silently used."""
     missing = [str(item.feature_path) for item in items if not item.feature_path.is_file()]
     if missing:
-        shown = "\n  ".join(missing[:5]) + (f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UserError(f"{len(missing)} feature caches are missing; run prepare_features.py (or pass --tagger_model):\n  {shown}")
+        raise UserError(f"{len(missing)} feature caches are missing; run prepare_features.py (or pass --tagger_model):\n  {_listed(missing)}")
+    stale = [f"{item.feature_path} (image {item.image_path})" for item in items if not matches_image(item.feature_path, item.image_path)]
+    if stale:
+        raise UserError(f"{len(stale)} feature caches were made from another version of their image (edited, replaced, "
+                        f"or an old cache layout); rerun prepare_features.py (or pass --tagger_model):\n  {_listed(stale)}")
     vectors = [read_feature(item.feature_path) for item in items]
-    encoders = Counter(read_encoder_id(item.feature_path) for item in items)
+    encoder_ids = [read_encoder_id(item.feature_path) for item in items]
+    for item, encoder_id in zip(items, encoder_ids):
+        if item.subset.encoder and encoder_id != item.subset.encoder:
+            raise UserError(f"feature cache {item.feature_path} comes from encoder {encoder_id!r}, but its subset pins "
+                            f"encoder = {item.subset.encoder!r}; rerun prepare_features.py with that tagger")
+    encoders = Counter(encoder_ids)
     if len(encoders) > 1:
         raise UserError(f"feature caches come from different encoders {dict(encoders)}; rerun prepare_features.py with one --tagger_model")
     for item, vector in zip(items, vectors):

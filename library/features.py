@@ -56,15 +56,25 @@ def load_valid_feature(path: str | os.PathLike, encoder_id: str, image_path: str
         with np.load(path, allow_pickle=False) as data:
             if str(data["encoder"]) != encoder_id:
                 return None
-            size, mtime = _source_stat(Path(image_path))
-            if int(data["source_size"]) != size or float(data["source_mtime"]) != mtime:
-                return None
             feature = data["feature"]
+        if not matches_image(path, image_path):
+            return None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         return None  # unreadable or from an older layout: recompute rather than trust it
     if feature.dtype != np.float32 or feature.ndim != 1 or not np.isfinite(feature).all():
         return None
     return feature
+
+
+def matches_image(path: str | os.PathLike, image_path: str | os.PathLike) -> bool:
+    """Whether a cache file was made from the image as it is now (size and modification time);
+    False for caches without that record (an older layout): they are never trusted silently."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            recorded = int(data["source_size"]), float(data["source_mtime"])
+        return recorded == _source_stat(Path(image_path))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
 
 
 def read_feature(path: str | os.PathLike) -> np.ndarray:

@@ -57,7 +57,7 @@ def test_every_output_describes_itself(outputs, name):
     float(meta["ss_learning_rate"]), int(meta["ss_max_train_steps"])
 
 
-@pytest.mark.parametrize("name", ["full-pfg.safetensors", "lora-lora.safetensors"])
+@pytest.mark.parametrize("name", ["full-pfg.safetensors", "lora-lora.safetensors", "full.safetensors"])
 def test_precomputed_hashes_match_the_file(outputs, name):
     meta = _metadata(outputs / name)
     assert meta["sshs_model_hash"] == _tensor_bytes_hash(outputs / name)

@@ -249,3 +249,35 @@ def test_two_process_ddp_on_cpu(tiny_sd1, prepared_dataset, tmp_path):
     assert "on 2 process(es)" in result.stdout
     assert result.stdout.count("validation @ step 2") == 1  # the main process alone validates and prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp-pfg.safetensors", "ddp-settings.toml", "ddp-state", "ddp.safetensors"]
+
+
+def test_stale_or_foreign_feature_caches_are_never_used_silently(tiny_sd1, prepared_dataset, tiny_tagger, tmp_path):
+    """An image edited after prepare_features.py, or caches of another encoder than the subset
+    pins, stop training with the file named; with --tagger_model the trainer recomputes them."""
+    import shutil
+
+    from library.features import feature_cache_path, matches_image
+
+    source = Path(prepared_dataset.read_text().split('image_dir = "')[1].split('"')[0])
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in sorted(p for p in source.iterdir() if p.suffix in (".png", ".jpg"))[:4]:
+        shutil.copy2(image, images / image.name)  # same size and mtime: its cache stays valid
+        shutil.copy2(feature_cache_path(image, None), feature_cache_path(images / image.name, None))
+    toml = tmp_path / "d.toml"
+    general = prepared_dataset.read_text().split("[[datasets]]")[0]
+    toml.write_text(general + f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images.as_posix()}"\n')
+    edited = sorted(images.glob("*.png"))[0]
+    os.utime(edited, (edited.stat().st_atime, edited.stat().st_mtime + 60))
+
+    flags = ["--train_unet", "none", "--max_train_steps", "1"]
+    with pytest.raises(UserError, match=r"1 feature caches were made from another version of their image") as info:
+        _train(tiny_sd1, toml, tmp_path / "out", *flags)
+    assert edited.name in str(info.value)
+
+    _train(tiny_sd1, toml, tmp_path / "out", *flags, "--tagger_model", str(tiny_tagger))
+    assert matches_image(feature_cache_path(edited, None), edited)
+
+    toml.write_text(toml.read_text() + 'encoder = "wd-some-other-tagger"\n')
+    with pytest.raises(UserError, match=r"pins encoder = 'wd-some-other-tagger'"):
+        _train(tiny_sd1, toml, tmp_path / "out2", *flags)
