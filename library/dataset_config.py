@@ -185,7 +185,7 @@ class DatasetConfig:
     source: str  # the config file, or the --train_data_dir it was built from
     datasets: tuple[DatasetBlueprint, ...]
     pfg_prompt: str | None
-    ignored_keys: tuple[str, ...] = ()  # the warnings about unimplemented kohya keys
+    ignored_keys: tuple[str, ...] = ()  # the warnings: unimplemented kohya keys, is_reg subsets
 
     def iter_subsets(self) -> Iterator[tuple[DatasetBlueprint, SubsetConfig]]:
         for dataset in self.datasets:
@@ -421,6 +421,12 @@ def _build(raw: Any, source: str, defaults: DatasetDefaults, config_dir: Path | 
                    "and is ignored")
         warnings.warn(message, UnsupportedKeyWarning, stacklevel=3)
         ignored.append(message)
+    for subset in (s for blueprint in blueprints for s in blueprint.subsets if s.is_reg):
+        # PFG has no prior-preservation loss: say what happens to kohya's regularisation images
+        message = (f"{source}: {subset.name} has is_reg = true, but PFG training has no prior-preservation loss: "
+                   f"its images ({subset.image_dir}) train like the others; remove the subset to leave them out")
+        warnings.warn(message, UnsupportedKeyWarning, stacklevel=3)
+        ignored.append(message)
     return DatasetConfig(source=source, datasets=tuple(blueprints), pfg_prompt=defaults.pfg_prompt,
                          ignored_keys=tuple(ignored))
 
@@ -570,7 +576,7 @@ def format_config(config: DatasetConfig) -> str:
             lines.append(f"  {subset.name}")
             show(subset, [*SUBSET_ONLY_KEYS, *SUBSET_KEYS], "    ")
     if config.ignored_keys:
-        lines.append(f"ignored kohya keys: {len(config.ignored_keys)} (see the warnings above)")
+        lines.append(f"warnings: {len(config.ignored_keys)} (see above)")
     return "\n".join(lines)
 
 

@@ -146,13 +146,16 @@ def test_real_kohya_file_loads_with_one_warning_per_unimplemented_key(work):
     expected = {"color_aug", "caption_prefix", "token_warmup_step", "network_multiplier", "random_crop",
                 "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "face_crop_aug_range",
                 "alpha_mask", "cache_info"}
-    assert len(messages) == len(caught) == len(expected)  # color_aug is in two tables: still one warning
+    (reg,) = [m for m in messages if "is_reg = true" in m]  # regularisation images: said, not silently trained
+    assert S2 in reg and "img/b" in reg and "no prior-preservation loss" in reg
+    messages.remove(reg)
+    assert len(messages) == len(caught) - 1 == len(expected)  # color_aug is in two tables: still one warning
     for key in expected:
         (message,) = [m for m in messages if f"'{key}'" in m]
         assert str(path) in message
     (color,) = [m for m in messages if "'color_aug'" in m]
     assert "[general]" in color and S2 in color
-    assert config.ignored_keys == tuple(messages)
+    assert config.ignored_keys == (*messages, reg)
     d = config.datasets[0]
     assert (d.resolution, d.batch_size, d.enable_bucket) == ((512, 512), 4, True)
     a, b = d.subsets
@@ -300,7 +303,7 @@ def test_cli_prints_resolved_config_and_fails_cleanly(work):
     assert f"image_dir             {work / 'img' / 'b'}" in out.stdout
     assert "keep_tokens           1  <- [general]" in out.stdout
     assert "min_bucket_reso       256\n" in out.stdout  # set in the dataset table: no arrow
-    assert out.stderr.count("warning: ") == 10 and "'color_aug'" in out.stderr
+    assert out.stderr.count("warning: ") == 11 and "'color_aug'" in out.stderr and "is_reg = true" in out.stderr
 
     bad = write(work, BASE.format(dataset="", subset="num_repeat = 3"), name="bad.toml")
     out = run_cli(str(bad), cwd=work)
