@@ -20,7 +20,7 @@ from library.buckets import BucketAssignment, BucketManager, make_bucket_batches
 from library.captions import process_caption, resolve_caption
 from library.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
-from library.features import feature_cache_path, matches_image, read_encoder_id, read_feature
+from library.features import feature_cache_path, read_cache
 from library.images import ImageLoadError, list_images
 from library.latents import bucket_pixels, latent_cache_path
 from library.text_sdxl import time_ids
@@ -88,12 +88,13 @@ def load_features(items: list[TrainItem]) -> tuple[torch.Tensor, str]:
     missing = [str(item.feature_path) for item in items if not item.feature_path.is_file()]
     if missing:
         raise UserError(f"{len(missing)} feature caches are missing; run prepare_features.py (or pass --tagger_model):\n  {_listed(missing)}")
-    stale = [f"{item.feature_path} (image {item.image_path})" for item in items if not matches_image(item.feature_path, item.image_path)]
+    caches = [read_cache(item.feature_path, item.image_path) for item in items]  # one read per file
+    stale = [f"{item.feature_path} (image {item.image_path})" for item, (_, _, current) in zip(items, caches) if not current]
     if stale:
         raise UserError(f"{len(stale)} feature caches were made from another version of their image (edited, replaced, "
                         f"or an old cache layout); rerun prepare_features.py (or pass --tagger_model):\n  {_listed(stale)}")
-    vectors = [read_feature(item.feature_path) for item in items]
-    encoder_ids = [read_encoder_id(item.feature_path) for item in items]
+    vectors = [vector for vector, _, _ in caches]
+    encoder_ids = [encoder_id for _, encoder_id, _ in caches]
     for item, encoder_id in zip(items, encoder_ids):
         if item.subset.encoder and encoder_id != item.subset.encoder:
             raise UserError(f"feature cache {item.feature_path} comes from encoder {encoder_id!r}, but its subset pins "

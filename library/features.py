@@ -48,50 +48,50 @@ def save_feature(path: str | os.PathLike, feature: np.ndarray, encoder_id: str, 
 
 def load_valid_feature(path: str | os.PathLike, encoder_id: str, image_path: str | os.PathLike) -> np.ndarray | None:
     """The cached vector if the file exists, is readable and matches the encoder and the image
-    as it is now; None otherwise (the caller recomputes)."""
-    path = Path(path)
-    if not path.is_file():
+    as it is now; None otherwise (the caller recomputes rather than trusts it)."""
+    if not Path(path).is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["encoder"]) != encoder_id:
-                return None
-            feature = data["feature"]
-        if not matches_image(path, image_path):
-            return None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
-        return None  # unreadable or from an older layout: recompute rather than trust it
-    if feature.dtype != np.float32 or feature.ndim != 1 or not np.isfinite(feature).all():
+        feature, cached_encoder, current = read_cache(path, image_path)
+    except UserError:
+        return None
+    if cached_encoder != encoder_id or not current or not np.isfinite(feature).all():
         return None
     return feature
 
 
-def matches_image(path: str | os.PathLike, image_path: str | os.PathLike) -> bool:
-    """Whether a cache file was made from the image as it is now (size and modification time);
-    False for caches without that record (an older layout): they are never trusted silently."""
-    try:
-        with np.load(Path(path), allow_pickle=False) as data:
-            recorded = int(data["source_size"]), float(data["source_mtime"])
-        return recorded == _source_stat(Path(image_path))
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
-        return False
-
-
 def read_feature(path: str | os.PathLike) -> np.ndarray:
     """The vector of a cache file, for training; a clear UserError when it cannot be used."""
+    return read_cache(path)[0]
+
+
+def read_cache(path: str | os.PathLike, image_path: str | os.PathLike | None = None) -> tuple[np.ndarray, str, bool]:
+    """(vector, encoder id, whether it was made from `image_path` as it is now) in one read of the
+    file; a clear UserError when the vector cannot be used. A cache without the image record
+    (an older layout) or without an encoder id counts as not current, never as trusted."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"feature cache {path} is missing; run prepare_features.py first")
     try:
         with np.load(path, allow_pickle=False) as data:
             feature = data["feature"]
+            names = set(data.files)
+            encoder_id = str(data["encoder"]) if "encoder" in names else ""
+            recorded = ((int(data["source_size"]), float(data["source_mtime"]))
+                        if {"source_size", "source_mtime"} <= names else None)
     except KeyError:
         raise UserError(f"feature cache {path} has no 'feature' array; rerun prepare_features.py") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise UserError(f"feature cache {path} is unreadable ({e}); delete it and rerun prepare_features.py") from None
     if feature.ndim != 1:
         raise UserError(f"feature cache {path}: 'feature' has shape {feature.shape}, expected a vector")
-    return feature.astype(np.float32, copy=False)
+    current = False
+    if image_path is not None and recorded is not None and encoder_id:
+        try:
+            current = recorded == _source_stat(Path(image_path))
+        except OSError:
+            pass
+    return feature.astype(np.float32, copy=False), encoder_id, current
 
 
 def read_encoder_id(path: str | os.PathLike) -> str:

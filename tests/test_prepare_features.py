@@ -16,7 +16,7 @@ from PIL import Image
 import prepare_features
 from library.encoders import find_pooled_tensor, load_encoder
 from library.errors import UserError
-from library.features import feature_cache_path, load_valid_feature, read_feature, save_feature
+from library.features import feature_cache_path, load_valid_feature, read_cache, read_feature, save_feature
 from library.images import load_image
 from tools.make_tiny_tagger import build_tiny_tagger
 
@@ -165,6 +165,11 @@ def test_feature_cache_validation(tmp_path):
         read_feature(cache)
     with pytest.raises(UserError, match="missing"):
         read_feature(tmp_path / "nothing_pfg.npz")
+    old_layout = tmp_path / "old_pfg.npz"  # no record of the image: never current, so never trusted silently
+    np.savez(old_layout, feature=np.ones(4, dtype=np.float32), encoder=np.array("enc:1"))
+    vector, encoder_id, current = read_cache(old_layout, image)
+    assert vector.shape == (4,) and encoder_id == "enc:1" and not current
+    assert load_valid_feature(old_layout, "enc:1", image) is None
 
 
 def test_kohya_repeat_folders_and_pinned_encoder(tiny_tagger, tmp_path, capsys):

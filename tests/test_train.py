@@ -256,7 +256,7 @@ def test_stale_or_foreign_feature_caches_are_never_used_silently(tiny_sd1, prepa
     pins, stop training with the file named; with --tagger_model the trainer recomputes them."""
     import shutil
 
-    from library.features import feature_cache_path, matches_image
+    from library.features import feature_cache_path, read_cache
 
     source = Path(prepared_dataset.read_text().split('image_dir = "')[1].split('"')[0])
     images = tmp_path / "images"
@@ -276,7 +276,7 @@ def test_stale_or_foreign_feature_caches_are_never_used_silently(tiny_sd1, prepa
     assert edited.name in str(info.value)
 
     _train(tiny_sd1, toml, tmp_path / "out", *flags, "--tagger_model", str(tiny_tagger))
-    assert matches_image(feature_cache_path(edited, None), edited)
+    assert read_cache(feature_cache_path(edited, None), edited)[2]  # recomputed: current again
 
     toml.write_text(toml.read_text() + 'encoder = "wd-some-other-tagger"\n')
     with pytest.raises(UserError, match=r"pins encoder = 'wd-some-other-tagger'"):
