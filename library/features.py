@@ -96,9 +96,7 @@ def read_cache(path: str | os.PathLike, image_path: str | os.PathLike | None = N
 
 def read_encoder_id(path: str | os.PathLike) -> str:
     """The encoder id stored in a cache file (training records it in the PFG metadata)."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return str(data["encoder"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise UserError(f"feature cache {path} has no readable encoder id ({e})") from None
+    encoder_id = read_cache(path)[1]
+    if not encoder_id:
+        raise UserError(f"feature cache {path} has no encoder id; rerun prepare_features.py")
+    return encoder_id

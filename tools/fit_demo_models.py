@@ -13,9 +13,9 @@ Writes (each folder atomically, rebuilt only when its inputs or settings change)
                                224 px) whose tags are the demo tags of characters.json, fitted on
                                the training split plus fresh drawings of the characters, each as
                                drawn and as the fitted VAE decodes it
-Deterministic on CPU from --seed; about five minutes on one core (the VAE is most of it: a
-weaker VAE blurs the characters past recognition, see docs/BENCHMARKS.md). No held-out image
-is fitted on.
+Deterministic on CPU from --seed and the thread count; about four minutes with demo.sh's two
+threads (the VAE is most of it: a weaker VAE blurs the characters past recognition, see
+docs/BENCHMARKS.md). No held-out image is fitted on.
 """
 from __future__ import annotations
 
@@ -198,9 +198,10 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
     model.eval()
     print(f"tagger: {steps} steps on {len(inputs)} images ({len(train)} training + rendered, each also VAE-decoded), final loss {loss.item():.4f}")
     if heldout:
-        _report_identity(model, tensors(heldout), tensors(train)[0], heldout, train)
+        train_inputs = inputs[: len(train)]  # `drawn` starts with the training images
+        _report_identity(model, tensors(heldout), train_inputs, heldout, train)
         decoded = _vae_round_trips([(load_image(p), entry) for p, entry in heldout], vae_model)
-        _report_identity(model, tensors(decoded), tensors(train)[0], heldout, train, "VAE-decoded held-out")
+        _report_identity(model, tensors(decoded), train_inputs, heldout, train, "VAE-decoded held-out")
 
     categories = [9] * len(RATING_TAGS) + [0] * len(general) + [4] * len(characters)
     rows = [(9999999 - i, n, c, 1000) for i, (n, c) in enumerate(zip(names, categories))]
