@@ -1,11 +1,15 @@
 """Loading Stable Diffusion components from what users have: a diffusers folder, a single-file
 checkpoint (original LDM layout) or a hub id.
 
-Local paths never touch the network. Single files are handled by `library.checkpoints`.
+Local paths never touch the network. Single files are handled by `library.checkpoints`. A hub
+id downloads only what the loader reads (`select_pipeline_files`: configs, tokenizers and one
+weights variant per component) into the Hugging Face cache, which serves it again offline.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +56,9 @@ def _variant_from_text_encoder(text_encoder) -> str:
     return "sd2" if getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu" else "sd1"
 
 
-def _load_diffusers_folder(folder: Path, source: str) -> SDModel:
+def _load_diffusers_folder(folder: Path, source: str, variants: dict[str, str | None] | None = None) -> SDModel:
+    """`variants`: the weights variant per component (`fp16` loads `model.fp16.safetensors`), for
+    hub downloads that hold only such files."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -61,15 +67,16 @@ def _load_diffusers_folder(folder: Path, source: str) -> SDModel:
     missing = [sub for sub in parts if not (folder / sub).is_dir()]
     if missing:
         raise UserError(f"{folder}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)})")
+    variant = (variants or {}).get
     try:
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-        vae = AutoencoderKL.from_pretrained(folder / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", variant=variant("text_encoder"))
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", variant=variant("unet"))
+        vae = AutoencoderKL.from_pretrained(folder / "vae", variant=variant("vae"))
         scheduler_config = dict(DDPMScheduler.load_config(folder / "scheduler"))
         if sdxl:
             tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2")
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", variant=variant("text_encoder_2"))
     except (OSError, ValueError) as e:
         raise UserError(f"{folder}: cannot load the model ({e})") from None
     if sdxl:
@@ -89,15 +96,120 @@ def _load_single_file(path: Path, v_prediction: bool | None) -> SDModel:
     return SDModel(tokenizer, text_encoder, unet, vae, dict(scheduler.config), str(path), info.architecture)
 
 
-def _download(repo_id: str) -> Path:
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"{repo_id!r} is neither a local path nor reachable: the hub is offline (HF_HUB_OFFLINE=1)")
-    from huggingface_hub import snapshot_download
+# ------------------------------------------------------------------------------------ hub ids
+# What the loader reads from a pipeline repo; a safety checker, feature extractor or image encoder
+# in model_index.json is never downloaded.
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+REQUIRED_PARTS = PIPELINE_PARTS[:5]
+# Weight files inside a component folder: `diffusion_pytorch_model[.VARIANT][-00001-of-00002].safetensors`
+# (diffusers), `model[.VARIANT].safetensors` / `pytorch_model[.VARIANT].bin` (transformers).
+_WEIGHT_FILE = re.compile(
+    r"^(?:diffusion_pytorch_model|pytorch_model|model)(?:\.(?P<variant>\w+))?(?:-\d{5}-of-\d{5})?\.(?P<format>safetensors|bin)$"
+)
+# One variant per component: the plain (fp32, non-EMA) weights first, half precision next, EMA last.
+_VARIANT_ORDER = (None, "non_ema", "fp16", "bf16")
+
+
+def _weight_rank(key: tuple[str, str | None]) -> tuple:
+    file_format, variant = key
+    if variant in _VARIANT_ORDER:
+        order = _VARIANT_ORDER.index(variant)
+    else:
+        order = len(_VARIANT_ORDER) + (1 if "ema" in variant.split("_") else 0)
+    return (file_format != "safetensors", order, variant or "")
+
+
+def select_pipeline_files(repo_id: str, names: list[str], model_index: dict) -> tuple[list[str], dict[str, str | None]]:
+    """The files of a diffusers pipeline repo the loader needs, and the weights variant chosen per
+    component (None: the plain files). Configs and tokenizer files of the used components, and one
+    set of weights each; other variants, EMA copies, single files at the root and unused
+    components (safety checker, ...) are left on the hub."""
+    parts = [p for p in PIPELINE_PARTS if isinstance(model_index.get(p), list) and model_index[p][:1] != [None]]
+    missing = [p for p in REQUIRED_PARTS if p not in parts]
+    if missing:
+        kind = model_index.get("_class_name", "pipeline")
+        raise UserError(f"{repo_id}: model_index.json describes a {kind} without {', '.join(missing)}; "
+                        "expected a Stable Diffusion 1.x/2.x/XL pipeline")
+    chosen: list[str] = []
+    variants: dict[str, str | None] = {}
+    for part in parts:
+        inside = sorted(n for n in names if n.startswith(part + "/") and n.count("/") == 1)
+        chosen += [n for n in inside if n.endswith((".json", ".txt"))]
+        if part.startswith(("tokenizer", "scheduler")):
+            continue
+        groups: dict[tuple[str, str | None], list[str]] = {}
+        for name in inside:
+            match = _WEIGHT_FILE.match(name.split("/", 1)[1])
+            if match:
+                groups.setdefault((match["format"], match["variant"]), []).append(name)
+        if not groups:
+            raise UserError(f"{repo_id}: {part}/ holds no weights (diffusion_pytorch_model/model .safetensors or .bin)")
+        best = min(groups, key=_weight_rank)
+        chosen += groups[best]
+        variants[part] = best[1]
+    return chosen, variants
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cached_pipeline(repo_id: str, reason: str) -> tuple[Path, dict[str, str | None]]:
+    """The copy of `repo_id` in the local Hugging Face cache (what an earlier download left)."""
+    import huggingface_hub
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+        folder = Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError, or a cache the hub library cannot read
+        raise UserError(f"{repo_id!r} is neither a local path nor in the local Hugging Face cache, and {reason}") from None
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    if "model_index.json" not in names:
+        raise UserError(f"{repo_id}: the cached copy in {folder} has no model_index.json ({reason})")
+    _, variants = select_pipeline_files(f"{repo_id} (cached in {folder})", names, json.loads((folder / "model_index.json").read_text()))
+    print(f"{repo_id}: using the cached copy in {folder} ({reason})")
+    return folder, variants
+
+
+def _download(repo_id: str) -> tuple[Path, dict[str, str | None]]:
+    """Download what `select_pipeline_files` picks from a hub pipeline repo into the Hugging Face
+    cache; offline (HF_HUB_OFFLINE=1) or with the hub unreachable, use the cached copy if any."""
+    if _hub_offline():
+        return _cached_pipeline(repo_id, "the hub is offline (HF_HUB_OFFLINE=1)")
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    try:
+        info = huggingface_hub.model_info(repo_id, files_metadata=True)
+    except errors.GatedRepoError:
+        raise UserError(f"{repo_id}: the model is gated; accept its terms on the hub and log in (hf auth login)") from None
+    except (errors.RepositoryNotFoundError, errors.HFValidationError):
+        raise UserError(f"model not found: {repo_id} (no such file or folder, and no such model on the hub, "
+                        "or it is private: log in with hf auth login)") from None
+    except Exception as e:  # no connection, proxy, timeout: an earlier download may still be cached
+        return _cached_pipeline(repo_id, f"the hub cannot be reached ({type(e).__name__}: {e})")
+    siblings = {s.rfilename: getattr(s, "size", None) for s in (info.siblings or [])}
+    if "model_index.json" not in siblings:
+        raise UserError(f"{repo_id}: not a diffusers pipeline repo (no model_index.json); for a single-file checkpoint, "
+                        "download its .safetensors and pass that path")
+    root = _fetch(repo_id, "model_index.json")
+    files, variants = select_pipeline_files(repo_id, list(siblings), json.loads((root / "model_index.json").read_text()))
+    total = sum(siblings[f] or 0 for f in files)
+    print(f"{repo_id}: {len(files)} files ({total / 2**30:.2f} GiB) into the Hugging Face cache")
+    for name in files:
+        if _fetch(repo_id, name) != root:
+            raise UserError(f"{repo_id} changed on the hub during the download; run again")
+    return root, variants
+
+
+def _fetch(repo_id: str, name: str) -> Path:
+    """One file into the cache; the snapshot folder it lies in."""
+    import huggingface_hub
+
+    try:
+        local = Path(huggingface_hub.hf_hub_download(repo_id, name))
     except Exception as e:
-        raise UserError(f"{repo_id!r} is not a local path and could not be downloaded from the hub ({type(e).__name__}: {e})") from None
+        raise UserError(f"{repo_id}: downloading {name} failed ({type(e).__name__}: {e}); run again to resume") from None
+    return local.parents[len(name.split("/")) - 1]
 
 
 def load_sd_model(name_or_path: str, v_prediction: bool | None = None) -> SDModel:
@@ -110,7 +222,8 @@ def load_sd_model(name_or_path: str, v_prediction: bool | None = None) -> SDMode
             raise UserError(f"{path}: expected a diffusers folder or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
         model = _load_single_file(path, v_prediction)
     elif "/" in name_or_path and not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") == 1:
-        model = _load_diffusers_folder(_download(name_or_path), name_or_path)
+        folder, variants = _download(name_or_path)
+        model = _load_diffusers_folder(folder, name_or_path, variants)
     else:
         raise UserError(f"model not found: {name_or_path} (no such file or folder)")
     if v_prediction is not None:
@@ -177,9 +290,19 @@ def _load_diffusers_lora(model: SDModel, file: str, name: str) -> None:
 
 
 def move(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
-    """`.to(device, dtype)`, casting only when the dtype changes (diffusers warns on every cast)."""
+    """`.to(device, dtype)`, casting only when the dtype changes."""
     current = next(module.parameters()).dtype
-    return module.to(device) if current == dtype else module.to(device, dtype=dtype)
+    if current == dtype:
+        return module.to(device)
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers' .to(dtype) warns about "modules that should be kept in float32" even when there are none.
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return module.to(device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def load_for_inference(

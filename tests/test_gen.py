@@ -402,3 +402,111 @@ def test_kohya_lora_file_applies_with_its_multiplier(kit, tmp_path):
     (muted,) = _run(tmp_path, kit["sd1"], "--prompt", "a cat", "--network_weights", lora, "--network_mul", "0")
     assert _same(plain, muted)
     assert len({_pixels(p).tobytes() for p in (plain, full, half)}) == 3
+
+
+# -- hub ids ---------------------------------------------------------------------------------------------
+
+HUB_ID = "someone/tiny-sd"
+# Files a real SD repo also holds, which must never be requested: root single files, other
+# variants and EMA copies, .bin and flax duplicates, components the loader does not use.
+DECOYS = [
+    "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.ckpt", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin", "unet/diffusion_flax_model.msgpack",
+    "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/pytorch_model.bin", "text_encoder/model.ema.safetensors",
+    "safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+]
+
+
+@pytest.fixture
+def fake_hub(kit, tmp_path, monkeypatch):
+    """The tiny SD1 folder served as a hub repo by stand-ins for huggingface_hub's functions. Its
+    text encoder exists only as the fp16 variant file (as in repos that ship fp16 text encoders)."""
+    import json
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    remote, cache = tmp_path / "remote", tmp_path / "hub-cache" / "snapshots" / "abc123"
+    shutil.copytree(kit["sd1"], remote)
+    (remote / "text_encoder" / "model.safetensors").rename(remote / "text_encoder" / "model.fp16.safetensors")
+    index = json.loads((remote / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"], feature_extractor=["transformers", "CLIPImageProcessor"])
+    (remote / "model_index.json").write_text(json.dumps(index))
+    listing = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file()) + DECOYS
+    hub = SimpleNamespace(requested=[], remote=remote, reachable=True)
+
+    def model_info(repo_id, **kwargs):
+        if not hub.reachable:
+            raise ConnectionError("network is unreachable")
+        assert repo_id == HUB_ID
+        return SimpleNamespace(sha="abc123", siblings=[SimpleNamespace(rfilename=n, size=1) for n in listing])
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        hub.requested.append(filename)
+        assert filename not in DECOYS, f"requested {filename}"
+        (cache / filename).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(remote / filename, cache / filename)
+        return str(cache / filename)
+
+    def snapshot_download(repo_id, local_files_only=False, **kwargs):
+        assert local_files_only, "the cache lookup must never download"
+        if repo_id != HUB_ID or not cache.is_dir():
+            raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder")
+        return str(cache)
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return hub
+
+
+def test_hub_id_downloads_only_the_pipeline_files_and_the_cache_serves_it_offline(kit, tmp_path, fake_hub, monkeypatch, capsys):
+    pfg = [*_pfg_args(kit), "--image", kit["g0"]]
+    (local,) = _run(tmp_path, kit["sd1"], *pfg)
+    (online,) = _run(tmp_path, HUB_ID, *pfg)
+    expected = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
+                "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+                "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert sorted(fake_hub.requested) == expected
+    assert _same(online, local)  # the fp16-named text encoder file loaded as its variant
+    assert parse_a1111_parameters(read_parameters(online))["Model"] == "tiny-sd"
+
+    fake_hub.requested.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (offline,) = _run(tmp_path, HUB_ID, *pfg)
+    assert fake_hub.requested == [] and _same(offline, local)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    fake_hub.reachable = False
+    (unreachable,) = _run(tmp_path, HUB_ID, *pfg)
+    assert fake_hub.requested == [] and _same(unreachable, local)
+    assert "using the cached copy" in capsys.readouterr().out
+
+    argv = ["--pretrained_model_name_or_path", "someone/other-model", *SIZE, "--outdir", str(tmp_path / "x")]
+    assert "hub cannot be reached (ConnectionError: network is unreachable)" in _user_error(capsys, argv)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _user_error(capsys, argv)
+    assert "'someone/other-model' is neither a local path nor in the local Hugging Face cache" in line and "HF_HUB_OFFLINE=1" in line
+
+
+def test_pipeline_file_selection_picks_one_weights_variant_per_component():
+    from library.models import select_pipeline_files
+
+    index = {"_class_name": "StableDiffusionXLPipeline", **{p: ["x", "y"] for p in
+             ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}}
+    names = ["unet/diffusion_pytorch_model.safetensors.index.json", "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+             "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+             "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.ema.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+             "text_encoder/pytorch_model.bin", "text_encoder_2/model.bf16.safetensors", "text_encoder_2/model.fp16.safetensors",
+             "tokenizer/vocab.json", "tokenizer_2/vocab.json", "scheduler/scheduler_config.json", "sd_xl_base_1.0.safetensors"]
+    files, variants = select_pipeline_files("r", names, index)
+    assert variants == {"unet": None, "vae": "fp16", "text_encoder": None, "text_encoder_2": "fp16"}
+    assert [f for f in files if not f.endswith(".json")] == [
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/pytorch_model.bin", "text_encoder_2/model.fp16.safetensors"]
+    with pytest.raises(UserError, match="r: model_index.json describes a FluxPipeline without unet, text_encoder, tokenizer"):
+        select_pipeline_files("r", names, {"_class_name": "FluxPipeline", "vae": ["x", "y"], "scheduler": ["x", "y"]})
+    with pytest.raises(UserError, match="r: unet/ holds no weights"):
+        select_pipeline_files("r", [n for n in names if not n.startswith("unet/")], index)
