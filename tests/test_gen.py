@@ -510,3 +510,18 @@ def test_pipeline_file_selection_picks_one_weights_variant_per_component():
         select_pipeline_files("r", names, {"_class_name": "FluxPipeline", "vae": ["x", "y"], "scheduler": ["x", "y"]})
     with pytest.raises(UserError, match="r: unet/ holds no weights"):
         select_pipeline_files("r", [n for n in names if not n.startswith("unet/")], index)
+
+
+# -- precision -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_dtypes_generate_on_cpu(kit, tmp_path, dtype):
+    """--dtype bf16 and fp16 both run on the CPU (torch 2.x has half kernels there): the images
+    have the requested size and stay near the fp32 image (same seed, rounding apart)."""
+    pfg = [*_pfg_args(kit), "--image", kit["g0"], "--W", "64", "--H", "48"]
+    (full,) = _run(tmp_path, kit["sd1"], *pfg, "--device", "cpu")
+    (half,) = _run(tmp_path, kit["sd1"], *pfg, "--device", "cpu", "--dtype", dtype)
+    assert Image.open(half).size == (64, 48)
+    difference = np.abs(_pixels(half) - _pixels(full)).mean()
+    assert 0 < difference < 8, difference
