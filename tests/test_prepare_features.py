@@ -244,3 +244,135 @@ def test_cache_latents_are_the_trainers_caches(tiny_tagger, tiny_sd1, tmp_path, 
     vid = latents.vae_id(vae)
     assert latents.load_valid_latents(items[2].latent_path, items[2].assignment, images[2], vid, True) is not None
     assert latents.load_valid_latents(items[2].latent_path, other, images[2], vid, True) is None
+
+
+def test_processes_split_the_images_without_overlap(tiny_tagger, tmp_path, capsys, monkeypatch):
+    """Under accelerate launch / torchrun every process runs prepare_features.py with its own RANK in a
+    shared WORLD_SIZE: together they cover every image exactly once, and each exit code speaks for its share."""
+    images = _make_images(tmp_path / "data", 5)
+    (tmp_path / "data" / "x_broken.jpg").write_text("not an image")  # sorted: img0..img4, x_broken -> ranks 0,1,0,1,0,1
+    args = ["--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger, "--batch_size", "2"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    written: dict[str, set[str]] = {}
+    codes, outs = {}, {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        before = {p.name for p in (tmp_path / "data").glob("*_pfg.npz")}
+        codes[rank], outs[rank] = _run(capsys, *args)
+        written[rank] = {p.name for p in (tmp_path / "data").glob("*_pfg.npz")} - before
+    assert written["0"] == {"img0_pfg.npz", "img2_pfg.npz", "img4_pfg.npz"}
+    assert written["1"] == {"img1_pfg.npz", "img3_pfg.npz"}
+    assert codes == {"0": 0, "1": 1}  # the broken file is rank 1's
+    assert "3 images, 0 with a valid cache, 3 to encode" in outs["0"] and "3 written, 0 skipped (valid cache), 0 failed" in outs["0"]
+    assert "x_broken.jpg" in outs["1"] and "2 written, 0 skipped (valid cache), 1 failed" in outs["1"]
+    assert "x_broken.jpg" not in outs["0"]
+    direct = _direct_vectors(tiny_tagger, images)
+    for image, expected in zip(images, direct):
+        np.testing.assert_allclose(read_feature(feature_cache_path(image)), expected, atol=1e-5)
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").glob("*_pfg.npz")}
+    monkeypatch.setenv("RANK", "0")
+    feature_cache_path(images[1]).unlink()  # rank 1's image: rank 0 must not take it over
+    code, out = _run(capsys, *args)
+    assert code == 0 and "0 written, 3 skipped (valid cache), 0 failed" in out and not feature_cache_path(images[1]).exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.exists())
+
+
+def test_hub_id_is_downloaded_through_huggingface_hub(tiny_tagger, tmp_path, capsys, monkeypatch):
+    """A hub id goes through huggingface_hub.hf_hub_download (here a stand-in serving the tiny tagger
+    from a fake hub cache); the vectors and tags are those of the same model given as a folder."""
+    import huggingface_hub
+
+    requested: list[tuple[str, str]] = []
+
+    def fake_download(repo_id: str, filename: str, **kwargs) -> str:
+        requested.append((repo_id, filename))
+        snapshot = tmp_path / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "0123abc"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / filename).write_bytes((tiny_tagger / filename).read_bytes())
+        return str(snapshot / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    images = _make_images(tmp_path / "data", 2)
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", "SmilingWolf/wd-tiny-test",
+                     "--write_tags", "--tag_threshold", "0.5")
+    assert code == 0, out
+    assert requested == [("SmilingWolf/wd-tiny-test", "model.onnx"), ("SmilingWolf/wd-tiny-test", "selected_tags.csv")]
+    assert "2 written" in out and "captions: 2 written" in out  # selected_tags.csv found beside the downloaded model
+    local_id = load_encoder(str(tiny_tagger)).encoder_id
+    for image, expected in zip(images, _direct_vectors(tiny_tagger, images)):
+        vector, encoder_id, current = read_cache(feature_cache_path(image), image)
+        assert encoder_id == local_id and current
+        np.testing.assert_allclose(vector, expected, atol=1e-5)
+
+
+def test_hub_id_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """No network and nothing in the hub cache: one `error:` line naming the id, exit status 2."""
+    import huggingface_hub.constants
+
+    from library.errors import run_cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    _make_images(tmp_path / "data", 1)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: prepare_features.main(["--train_data_dir", str(tmp_path / "data"), "--tagger_model", "SmilingWolf/wd-not-cached"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: tagger model 'SmilingWolf/wd-not-cached'") and "could not be downloaded" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="session")
+def tiny_tagger_v3(kit_dir):
+    return build_tiny_tagger(kit_dir / "tiny-tagger-v3", seed=2, family="v3-matmul")
+
+
+def test_matmul_add_sigmoid_head_is_found(tiny_tagger_v3, tmp_path, capsys):
+    """A timm-style head (MatMul + Add + Sigmoid, no Gemm): the pooled vector is the classifier MatMul's
+    data input, found without --feature_tensor, and the caches equal a direct onnxruntime run of it."""
+    model = onnx.load(str(tiny_tagger_v3 / "model.onnx"))
+    assert [n.op_type for n in model.graph.node[-3:]] == ["MatMul", "Add", "Sigmoid"]  # no Gemm in the head
+    classifier = model.graph.node[-3]
+    weights = {t.name for t in model.graph.initializer}
+    pooled = next(i for i in classifier.input if i not in weights)
+    assert find_pooled_tensor(model) == pooled
+
+    images = _make_images(tmp_path / "data", 3)
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger_v3)
+    assert code == 0 and "3 written" in out and "D=1024" in out, out
+    model.graph.output.append(onnx.helper.make_tensor_value_info(pooled, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    encoder = load_encoder(str(tiny_tagger_v3))
+    batch = np.stack([encoder.preprocess(load_image(p)) for p in images])
+    (direct,) = session.run([pooled], {"input": batch})
+    for image, expected in zip(images, direct):
+        np.testing.assert_allclose(read_feature(feature_cache_path(image)), expected, atol=1e-5)
+
+
+def test_real_world_image_kinds_are_all_written(tiny_tagger, tmp_path, capsys):
+    """Every usable kind goes through the pipeline; an animation (WebP or GIF) gives the vector of its first frame."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(7)
+    first = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    second = Image.fromarray(255 - np.asarray(first))
+    first.save(data / "first_frame.png")
+    first.save(data / "anim_webp.webp", save_all=True, append_images=[second], duration=80, lossless=True)
+    palette_first = first.quantize(64)
+    palette_first.save(data / "palette_first.png")
+    palette_first.save(data / "anim_gif.gif", save_all=True, append_images=[second.quantize(64)], duration=80)
+    first.convert("CMYK").save(data / "cmyk.jpg")
+    Image.fromarray((rng.integers(0, 65536, (30, 20))).astype(np.uint16)).save(data / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    first.save(data / "rotated.jpg", exif=exif)
+    Image.new("RGBA", (1, 1), (10, 20, 30, 0)).save(data / "tiny_clear.png")
+    assert Image.open(data / "anim_webp.webp").n_frames == 2 and Image.open(data / "anim_gif.gif").n_frames == 2
+
+    code, out = _run(capsys, "--train_data_dir", data, "--tagger_model", tiny_tagger)
+    assert code == 0 and "8 written, 0 skipped (valid cache), 0 failed" in out, out
+    vec = {p.stem: read_feature(feature_cache_path(p)) for p in data.iterdir() if p.suffix != ".npz"}
+    np.testing.assert_allclose(vec["anim_webp"], vec["first_frame"], atol=1e-6)  # lossless WebP: the same pixels
+    np.testing.assert_allclose(vec["anim_gif"], vec["palette_first"], atol=1e-6)
+    assert np.abs(vec["anim_webp"] - _direct_vectors(tiny_tagger, [data / "first_frame.png"])[0]).max() < 1e-5

@@ -6,7 +6,10 @@ Two families with different interfaces:
   pooled D=768, output `predictions_sigmoid`.
 - "nchw-1024": another interface on purpose — input `input`, NCHW, 384x384, pooled D=1024,
   output `output`.
-Both take BGR float32 0–255 (the WD convention) and convert internally. The pooled vector
+- "v3-matmul": like the timm-exported v3 taggers — input `input`, NHWC 448, pooled D=1024,
+  output `output`, and a classifier head of MatMul + Add + Sigmoid instead of Gemm + Sigmoid
+  (`head="matmul"`, also available to any family through build_tiny_tagger).
+All take BGR float32 0–255 (the WD convention) and convert internally. The pooled vector
 exists only inside the graph, as the data input of the final classifier MatMul/Gemm.
 
     python -m tools.make_tiny_tagger --out models/tiny-tagger [--family nchw-1024]
@@ -47,12 +50,14 @@ class TaggerConfig:
     width: int = 64  # transformer width; kept small so export and inference take milliseconds
     depth: int = 2
     heads: int = 4
+    head: str = "gemm"  # classifier op in the ONNX: "gemm" (Gemm) or "matmul" (MatMul + Add)
     seed: int = 0
 
 
 FAMILIES: dict[str, dict] = {
     "vit-v2": {},
     "nchw-1024": dict(image_size=384, embed_dim=1024, layout="NCHW", input_name="input", output_name="output"),
+    "v3-matmul": dict(embed_dim=1024, input_name="input", output_name="output", head="matmul"),
     # wd-v1-4-vit-tagger-v2's size (ViT-B/16 at 448, random weights): for benchmarks, not tests
     "vit-b-v2": dict(patch_size=16, width=768, depth=12, heads=12, num_tags=9083),
 }
@@ -107,7 +112,10 @@ class TinyTagger(nn.Module):
         return x.mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.classifier(self.pooled(x)))
+        pooled = self.pooled(x)
+        if self.cfg.head == "matmul":  # exports as MatMul + Add (a 2-D Linear exports as Gemm)
+            return torch.sigmoid(torch.matmul(pooled, self.classifier.weight.t()) + self.classifier.bias)
+        return torch.sigmoid(self.classifier(pooled))
 
 
 def input_shape(cfg: TaggerConfig, batch: int) -> tuple[int, int, int, int]:
@@ -168,6 +176,7 @@ def build_tiny_tagger(
     input_name: str | None = None,
     num_tags: int | None = None,
     family: str = "vit-v2",
+    head: str | None = None,
 ) -> Path:
     """Write model.onnx, selected_tags.csv, torch_model.pt and tagger_config.json into out_dir.
 
@@ -176,11 +185,13 @@ def build_tiny_tagger(
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown tagger family {family!r}; choose from {sorted(FAMILIES)}")
-    overrides = dict(image_size=image_size, embed_dim=embed_dim, layout=layout, input_name=input_name, num_tags=num_tags)
+    overrides = dict(image_size=image_size, embed_dim=embed_dim, layout=layout, input_name=input_name, num_tags=num_tags, head=head)
     settings = {**FAMILIES[family], **{k: v for k, v in overrides.items() if v is not None}, "seed": seed}
     cfg = TaggerConfig(**settings)
     if cfg.layout not in ("NHWC", "NCHW"):
         raise ValueError(f"layout must be NHWC or NCHW, got {cfg.layout!r}")
+    if cfg.head not in ("gemm", "matmul"):
+        raise ValueError(f"head must be gemm or matmul, got {cfg.head!r}")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size must be a multiple of {cfg.patch_size}")
 
