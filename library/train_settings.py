@@ -2,10 +2,14 @@
 fill this; the resolved object is saved next to the outputs as `NAME-settings.toml`."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from library.cli_config import setting
 from library.errors import UserError
+
+STATE_FILE = "train_state.json"  # marks a --save_state folder: epoch, global step, data position
 
 
 @dataclass(frozen=True)
@@ -133,3 +137,29 @@ class TrainSettings:
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         self.resolution_wh  # noqa: B018 - validates the string
+        self._validate_optimizer()
+        self._validate_resume()
+
+    def _validate_optimizer(self) -> None:
+        """The class resolves (packages installed, dotted path imports) and takes these arguments."""
+        from library.optim import check_optimizer
+
+        check_optimizer(self.optimizer_type, self.optimizer_args)
+
+    def _validate_resume(self) -> None:
+        if not self.resume:
+            return
+        folder = Path(self.resume)
+        if not folder.is_dir():
+            raise UserError(f"--resume {self.resume}: no such folder (give a NAME-state folder written with --save_state)")
+        state = folder / STATE_FILE
+        if not state.is_file():
+            raise UserError(f"--resume {self.resume}: not a training state folder (no {STATE_FILE}; "
+                            "give a NAME-state folder written with --save_state)")
+        try:
+            progress = json.loads(state.read_text())
+            valid = isinstance(progress, dict) and all(isinstance(progress.get(k), int) for k in ("epoch", "global_step", "batch_in_epoch"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            valid = False
+        if not valid:
+            raise UserError(f"--resume {self.resume}: {STATE_FILE} is unreadable or incomplete (needs epoch, global_step, batch_in_epoch)")
