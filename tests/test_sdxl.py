@@ -480,3 +480,73 @@ def test_sdxl_refiner_file_is_refused_clearly(tmp_path):
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(path))
     with pytest.raises(UserError, match="refiner"):
         load_sd_model(str(path))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("optimizer", ["AdamW8bit", "Adafactor"])
+def test_full_fine_tune_in_the_24gb_configuration(tiny_sdxl, sdxl_model, prepared_dataset, tmp_path, fresh_accelerate_state, optimizer):
+    """The SDXL full fine-tune that fits 24 GB: bf16 weights (--full_bf16), gradient checkpointing,
+    and an 8-bit AdamW or Adafactor; the UNet trains and saves as an SDXL single file."""
+    from safetensors import safe_open
+
+    from library.models import load_sd_model
+
+    _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "1",
+           "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing", "--optimizer_type", optimizer)
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_full_bf16"] == "True" and meta["ss_optimizer"] == optimizer
+    trained = load_sd_model(str(tmp_path / "t.safetensors"))
+    assert trained.variant == "sdxl"
+    out = _unet_out(trained.unet.float())
+    assert torch.isfinite(out).all() and not torch.allclose(out, _unet_out(sdxl_model.unet), atol=1e-3)
+
+
+@pytest.fixture
+def network_blocked(monkeypatch):
+    """Every socket and hub download fails loudly, and the hub libraries are told they are offline."""
+    import socket
+
+    import huggingface_hub
+
+    def blocked(*args, **kwargs):
+        raise OSError("network access in an offline test")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, blocked)
+    monkeypatch.setattr(socket, "create_connection", blocked)
+    monkeypatch.setattr(socket, "getaddrinfo", blocked)
+    for name in ("hf_hub_download", "snapshot_download", "model_info"):
+        monkeypatch.setattr(huggingface_hub, name, blocked)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_foreign_single_file_loads_offline_and_a_v_pred_key_means_v_prediction(sdxl_model, sdxl_gen_kit, tmp_path, network_blocked):
+    """A single file made elsewhere (no embedded configs) needs nothing from the network: configs
+    from the tensors, both tokenizers from the bundled vocabulary. NoobAI-style v-prediction files
+    carry an empty `v_pred` tensor, which selects v-prediction unless the user's flag says otherwise."""
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    from library.models import load_sd_model
+    from library.sdxl_checkpoint import save_sdxl_single_file
+
+    m = sdxl_model
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(m.scheduler_config)
+    ours = save_sdxl_single_file(tmp_path / "ours.safetensors", m.unet, m.vae, m.text_encoder, m.text_encoder_2, scheduler=scheduler)
+    tensors = dict(load_file(str(ours)))
+    save_file(tensors, str(tmp_path / "eps.safetensors"))  # no metadata: nothing but tensors
+    save_file({**tensors, "v_pred": torch.tensor([])}, str(tmp_path / "vpred.safetensors"))
+
+    eps, vpred = load_sd_model(str(tmp_path / "eps.safetensors")), load_sd_model(str(tmp_path / "vpred.safetensors"))
+    assert not eps.v_prediction and vpred.v_prediction and vpred.variant == "sdxl"
+    assert not load_sd_model(str(tmp_path / "vpred.safetensors"), v_prediction=False).v_prediction  # the flag wins
+    assert vpred.tokenizer_2.pad_token == "!" and vpred.tokenizer.pad_token == "<|endoftext|>"
+    assert vpred.tokenizer("a cat").input_ids == m.tokenizer("a cat").input_ids
+    assert_same_weights(m.unet, vpred.unet)
+
+    kit = {**sdxl_gen_kit, "model": tmp_path / "vpred.safetensors"}
+    (image,) = _gen(kit, tmp_path / "out", "--image", kit["guides"][0], "--seed", "1")
+    assert _pixels(image).shape == (64, 64, 3)
