@@ -1,11 +1,15 @@
 """Training speed of train_pfg.py against a bare hand-written diffusers loop (the ceiling).
 
     python bench/bench_train.py [--steps 40] [--modes none full lora] [--model SD_FOLDER --resolution 512 --batch 4]
+        [--precision bf16 --full_bf16 --gradient_checkpointing --optimizer Adafactor]
 
-Both sides train the same UNet on the same cached latents with the same optimizer (AdamW8bit)
-and batch size. both time the steady state: the same steps after 3 warm-up steps, excluding model loading
-and saving. Each
-measurement runs in its own process, whose peak RSS (or peak CUDA memory) is reported.
+Both sides train the same UNet on the same cached latents with the same optimizer (AdamW8bit
+unless --optimizer names another train_pfg.py --optimizer_type), batch size and memory settings:
+--full_bf16 keeps the trained weights in bf16 and --gradient_checkpointing recomputes UNet
+activations, on both sides (SDXL's 24 GB full fine-tune: --full_bf16 --gradient_checkpointing
+with AdamW8bit or Adafactor). Both time the steady state: the same steps after 3 warm-up steps,
+excluding model loading and saving. Each measurement runs in its own process, whose peak RSS
+(or peak CUDA memory) is reported.
 Without --model, the tiny offline SD1 model (or --tiny sdxl, or SDXL base sizes with random weights,
 --tiny sdxl-size --resolution 1024 --precision bf16) and the demo dataset are
 built under bench/work/. An SDXL --model (a folder with text_encoder_2) is benchmarked with its
@@ -54,7 +58,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(model: Path, toml: Path, mode: str, steps: int, precision: str) -> dict:
+def run_ours(model: Path, toml: Path, args) -> dict:
     """train_pfg.py's own main(); the steady-state loop time is read from the moments its
     training step starts (one per optimizer step), after the same 3 warm-up steps."""
     import train_pfg
@@ -68,18 +72,23 @@ def run_ours(model: Path, toml: Path, mode: str, steps: int, precision: str) -> 
         return original(self, *a, **kw)
 
     PFGTrainer.loss = timed_loss
-    out = WORK / f"out-{mode}"
+    out = WORK / f"out-{args.mode}"
     train_pfg.main([
         "--pretrained_model_name_or_path", str(model), "--dataset_config", str(toml), "--output_dir", str(out),
-        "--train_unet", mode, "--max_train_steps", str(steps + 4), "--cache_latents", "--mixed_precision", precision,
-        "--learning_rate", "1e-5", "--save_model_as", "diffusers",
+        "--train_unet", args.mode, "--max_train_steps", str(args.steps + 4), "--cache_latents", "--mixed_precision", args.precision,
+        "--learning_rate", "1e-5", "--save_model_as", "diffusers", "--optimizer_type", args.optimizer, *memory_flags(args),
     ])
-    return {"seconds": starts[3 + steps] - starts[3], "peak_mb": peak_memory_mb()}
+    return {"seconds": starts[3 + args.steps] - starts[3], "peak_mb": peak_memory_mb()}
 
 
-def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> dict:
-    """The ceiling: diffusers' own pieces in a plain loop, no dataset machinery, no accelerate."""
-    import bitsandbytes as bnb
+def memory_flags(args) -> list[str]:
+    """The train_pfg.py flags for the memory settings, which the bare loop mirrors."""
+    return [flag for flag, on in (("--full_bf16", args.full_bf16), ("--gradient_checkpointing", args.gradient_checkpointing)) if on]
+
+
+def run_bare(model: Path, toml: Path, args) -> dict:
+    """The ceiling: diffusers' own pieces in a plain loop, no dataset machinery, no accelerate.
+    The optimizer is the same class train_pfg.py builds for `--optimizer` (with its defaults)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
@@ -88,6 +97,9 @@ def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> 
     from library.dataset import collect_items, load_features
     from library.dataset_config import load_dataset_config
     from library.latents import bucket_pixels
+    from library.optim import build_optimizer
+
+    mode, steps, precision = args.mode, args.steps, args.precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -98,15 +110,18 @@ def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> 
     tokenizer = CLIPTokenizer.from_pretrained(model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder").to(device).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(model / "vae").to(device).requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(model / "unet").to(device)
+    weight_dtype = torch.bfloat16 if args.full_bf16 else torch.float32  # the trained weights' dtype
+    unet = UNet2DConditionModel.from_pretrained(model / "unet").to(device, dtype=weight_dtype)
     scheduler = DDPMScheduler.from_pretrained(model / "scheduler")
     width = unet.config.cross_attention_dim
-    head = torch.nn.Linear(features.shape[1], 10 * width).to(device)
+    head = torch.nn.Linear(features.shape[1], 10 * width).to(device, dtype=weight_dtype)
     unet.requires_grad_(mode == "full")
     if mode == "lora":
         unet.add_adapter(LoraConfig(r=16, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     params = list(head.parameters()) + [p for p in unet.parameters() if p.requires_grad]
-    optimizer = bnb.optim.AdamW8bit(params, lr=1e-5)
+    optimizer = build_optimizer(args.optimizer, [{"params": params, "lr": 1e-5}])
     with torch.no_grad():  # cached latents and text states, as train_pfg.py --cache_latents has them
         pixels = torch.stack([bucket_pixels(item.image_path, item.assignment) for item in items[: 4 * batch]]).to(device)
         latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
@@ -154,7 +169,8 @@ def run_bare(model: Path, toml: Path, mode: str, steps: int, precision: str) -> 
 def measure(kind: str, mode: str, steps: int, args) -> dict:
     """One measurement in a fresh process (clean peak memory, no shared caches)."""
     command = [sys.executable, __file__, "--worker", kind, "--mode", mode, "--steps", str(steps),
-               "--resolution", str(args.resolution), "--batch", str(args.batch), "--precision", args.precision]
+               "--resolution", str(args.resolution), "--batch", str(args.batch), "--precision", args.precision,
+               "--optimizer", args.optimizer, *memory_flags(args)]
     if args.model:
         command += ["--model", args.model]
     command += ["--tiny", args.tiny]
@@ -174,16 +190,24 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--optimizer", default="AdamW8bit", help="both sides' optimizer, a train_pfg.py --optimizer_type name (AdamW8bit, AdamW, Adafactor, ...)")
+    parser.add_argument("--full_bf16", action="store_true", help="trained weights in bf16 on both sides (needs --precision bf16)")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute UNet activations in the backward pass, both sides")
     parser.add_argument("--worker", default="")
     parser.add_argument("--mode", default="full")
     args = parser.parse_args()
+    if args.full_bf16 and args.precision != "bf16":
+        parser.error("--full_bf16 needs --precision bf16 (as train_pfg.py's --full_bf16 needs --mixed_precision bf16)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.worker:
         model, toml = prepare(args)
         runner = run_ours if args.worker == "ours" else run_bare
-        print(json.dumps(runner(model, toml, args.mode, args.steps, args.precision)))
+        print(json.dumps(runner(model, toml, args)))
         return
     prepare(args)  # build once, outside the timed processes
+    settings = ", ".join([f"precision {args.precision}", f"optimizer {args.optimizer}", *(f[2:] for f in memory_flags(args)),
+                          f"batch {args.batch}", f"{args.resolution}px"])
+    print(f"settings: {settings}")
     print("| mode | train_pfg.py steps/s | bare loop steps/s | ratio | train_pfg peak MB | bare peak MB |")
     print("| --- | --- | --- | --- | --- | --- |")
     for mode in args.modes:
