@@ -321,10 +321,18 @@ class PFGSampler:
                 init = load_image(request.init_image).resize((request.width, request.height), Image.Resampling.LANCZOS)
             except ImageLoadError as e:
                 raise UserError(str(e)) from None
-            images = pipe(image=[init] * count, strength=request.strength, **kwargs).images
+            arrays = pipe(image=[init] * count, strength=request.strength, output_type="np", **kwargs).images
         else:
-            images = pipe(width=request.width, height=request.height, **kwargs).images
-        return list(zip(images, seeds))
+            arrays = pipe(width=request.width, height=request.height, output_type="np", **kwargs).images
+        for array, seed in zip(arrays, seeds):
+            if not np.isfinite(array).all():  # would be saved as a black image without a word
+                print(f"warning: the image of seed {seed} has NaN/inf pixels (the model overflowed in {_dtype_name(self.dtype)}); "
+                      "use --dtype bf16 or fp32" + (", or an fp16-safe --vae" if self.model.is_sdxl else ""))
+        return list(zip(pipe.numpy_to_pil(arrays), seeds))  # the pipeline's own conversion to PIL
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
 def _quote(value: object) -> str:

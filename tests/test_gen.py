@@ -525,3 +525,16 @@ def test_half_precision_dtypes_generate_on_cpu(kit, tmp_path, dtype):
     assert Image.open(half).size == (64, 48)
     difference = np.abs(_pixels(half) - _pixels(full)).mean()
     assert 0 < difference < 8, difference
+
+
+def test_an_overflowed_image_is_reported_not_silently_black(kit, capsys):
+    """Half precision can overflow to NaN (SD2.x attention or SDXL's VAE in fp16): the image would
+    come out black; the sampler says which seed and what to do."""
+    from library.models import load_sd_model
+
+    model = load_sd_model(str(kit["sd1"]))
+    torch.nn.init.constant_(model.unet.conv_out.bias, float("nan"))
+    sampler = PFGSampler(model, None, dtype=torch.float16)
+    ((image, seed),) = sampler.generate(SampleRequest(prompt="a cat", width=64, height=64, steps=1, seed=4))
+    assert image.size == (64, 64) and seed == 4
+    assert "warning: the image of seed 4 has NaN/inf pixels (the model overflowed in fp16); use --dtype bf16 or fp32" in capsys.readouterr().out
