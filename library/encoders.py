@@ -10,6 +10,7 @@ id): the vector is its projected image embedding, so PFG is not tied to anime ta
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -31,9 +32,11 @@ _HEAD_PASS_THROUGH = {"Sigmoid", "Add", "Identity", "Reshape", "Flatten", "Squee
 class ImageEncoder(Protocol):
     encoder_id: str  # file name + short content hash; stored in every cache and PFG file
     dim: int
+    item_shape: tuple[int, ...]  # shape of one preprocessed image (float32)
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        """One image -> model input without the batch axis. CPU only, safe to call from threads."""
+    def preprocess(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """One image -> model input without the batch axis (written into `out` when given, e.g. a
+        row of a batch buffer). CPU only, safe to call from threads."""
 
     def encode_batch(self, batch: np.ndarray) -> np.ndarray:
         """Stacked preprocess() outputs -> float32 (B, dim)."""
@@ -42,18 +45,46 @@ class ImageEncoder(Protocol):
         """Convenience: preprocess and encode a list of images -> float32 (B, dim)."""
 
 
-def wd_preprocess(image: Image.Image, size: int, layout: str = "NHWC") -> np.ndarray:
+def wd_preprocess(image: Image.Image, size: int, layout: str = "NHWC", out: np.ndarray | None = None) -> np.ndarray:
     """SmilingWolf's WD tagger preprocessing: alpha on white, pad to a centered white square,
-    Pillow BICUBIC resize to `size`, RGB -> BGR, float32 0–255. NCHW only moves the channel axis."""
-    image = to_rgb(image)
+    Pillow BICUBIC resize to `size`, RGB -> BGR, float32 0–255. NCHW only moves the channel axis.
+    With `out` (float32, the item shape) the result is written there instead of a new array."""
+    square = _padded_square(to_rgb(image), size)
+    if layout == "NCHW":
+        view = np.asarray(square)[:, :, ::-1].transpose(2, 0, 1)  # one converting copy, channel planes
+    else:  # swap channels in Pillow (uint8), then a contiguous cast: 0.3 ms instead of 0.9 for a strided one at 448²
+        view = np.asarray(Image.merge("RGB", square.split()[::-1]))
+    if out is None:
+        return view.astype(np.float32, order="C")
+    np.copyto(out, view)
+    return out
+
+
+def _padded_square(image: Image.Image, size: int) -> Image.Image:
+    """The image centered on a white square of side max(w, h), resized (BICUBIC) to size x size.
+
+    A wide image is padded with whole white rows. Pillow's resize is separable: a horizontal pass
+    row by row (rounded to uint8), then a vertical pass. So the image rows are resized horizontally
+    on their own, the padding rows become one horizontally resized white row, and the vertical
+    pass runs on those: the very same pixels (tested against the plain pad-then-resize), without
+    the horizontal pass over the padding (about a fifth less time for a 3:2 photo). Tall images are padded
+    with columns, which the first pass cannot skip, so they take the plain route.
+    """
     w, h = image.size
     side = max(w, h)
+    if w > h and side != size:
+        tall = _white_row(side, size).resize((size, side), Image.NEAREST)  # the padding rows, repeated exactly
+        tall.paste(image.resize((size, h), Image.BICUBIC), (0, (side - h) // 2))
+        return tall.resize((size, size), Image.BICUBIC)  # width already matches: vertical pass only
     square = Image.new("RGB", (side, side), (255, 255, 255))
     square.paste(image, ((side - w) // 2, (side - h) // 2))
-    if side != size:
-        square = square.resize((size, size), Image.BICUBIC)
-    bgr = np.asarray(square)[:, :, ::-1]  # reorder as uint8, then one converting copy: 3x faster than float first
-    return (bgr.transpose(2, 0, 1) if layout == "NCHW" else bgr).astype(np.float32, order="C")
+    return square if side == size else square.resize((size, size), Image.BICUBIC)
+
+
+@functools.lru_cache(maxsize=256)
+def _white_row(width: int, size: int) -> Image.Image:
+    """What Pillow's horizontal bicubic pass makes of a white row of `width` pixels resized to `size`."""
+    return Image.new("RGB", (width, 1), (255, 255, 255)).resize((size, 1), Image.BICUBIC)
 
 
 def file_hash(path: Path, length: int = 12) -> str:
@@ -121,13 +152,11 @@ class OnnxTagger:
         print(f"tagger {model_path}: onnxruntime provider {self.provider}")
         suffix = f"#{feature_tensor}" if feature_tensor else ""
         self.encoder_id = f"{model_path.name}:{file_hash(model_path)}{suffix}"
-        self.dim = int(self.encode_batch(np.zeros((1, *self._item_shape()), np.float32)).shape[1])
+        self.item_shape = (self.size, self.size, 3) if self.layout == "NHWC" else (3, self.size, self.size)
+        self.dim = int(self.encode_batch(np.zeros((1, *self.item_shape), np.float32)).shape[1])
 
-    def _item_shape(self) -> tuple[int, int, int]:
-        return (self.size, self.size, 3) if self.layout == "NHWC" else (3, self.size, self.size)
-
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return wd_preprocess(image, self.size, self.layout)
+    def preprocess(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        return wd_preprocess(image, self.size, self.layout, out)
 
     def encode_batch(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.feature_name], {self.input_name: batch.astype(self.input_dtype, copy=False)})
@@ -271,9 +300,14 @@ class ClipVisionEncoder:
         self.encoder_id = f"{name}:{digest.hexdigest()[:12]}"
         self.dim = int(self.model.config.projection_dim)
         self.probs_name = None
+        self.item_shape = self.preprocess(Image.new("RGB", (64, 64))).shape
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return self.processor(images=to_rgb(image), return_tensors="np")["pixel_values"][0].astype(np.float32, copy=False)
+    def preprocess(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        pixels = self.processor(images=to_rgb(image), return_tensors="np")["pixel_values"][0].astype(np.float32, copy=False)
+        if out is None:
+            return pixels
+        np.copyto(out, pixels)
+        return out
 
     def encode_batch(self, batch: np.ndarray) -> np.ndarray:
         import torch

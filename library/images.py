@@ -68,9 +68,10 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
 
 def _apply_exif_rotation(im: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an unrotated picture
     except Exception:  # a malformed EXIF block should not cost the picture; keep it unrotated
-        return im
+        pass
+    return im
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -61,7 +61,7 @@ def _mode_images(tmp_path, h: int, w: int):
     yield _write(tmp_path, f"cmyk_{h}x{w}.jpg", Image.fromarray(rgb).convert("CMYK"), quality=95)
 
 
-@pytest.mark.parametrize("h,w", [(300, 200), (200, 300), (600, 500), (448, 448), (1, 3)])
+@pytest.mark.parametrize("h,w", [(300, 200), (200, 300), (600, 500), (500, 600), (448, 448), (1, 3)])
 def test_wd_preprocessing_is_pixel_exact(tmp_path, h, w):
     for path in _mode_images(tmp_path, h, w):
         loaded = load_image(path)

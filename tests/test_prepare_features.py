@@ -101,19 +101,22 @@ def test_resume_skips_valid_caches_and_recomputes_stale_ones(tiny_tagger, tiny_t
 
 
 def test_bad_images_are_reported_and_skipped(tiny_tagger, tmp_path, capsys):
-    images = _make_images(tmp_path / "data", 3)
+    images = _make_images(tmp_path / "data", 7)
     (tmp_path / "data" / "zero.png").write_bytes(b"")
     (tmp_path / "data" / "notes.jpg").write_text("not an image")
     good = images[0].read_bytes()
     (tmp_path / "data" / "cut.jpg").write_bytes(good[: len(good) // 3])
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "img0.png")  # same stem as img0.jpg
 
-    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger)
+    # batches of 2: cut img1 | img2 img3 | img4 img5 | img6 notes | zero: gaps, and the first batch buffer reused
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger, "--batch_size", "2")
     assert code == 1
     for name, reason in [("zero.png", "empty"), ("notes.jpg", "not an image"), ("cut.jpg", "truncated"), ("img0.png", "img0_pfg.npz")]:
         assert any(name in line and reason in line for line in out.splitlines()), (name, out)
-    assert "2 written, 0 skipped (valid cache), 5 failed" in out
-    assert sorted(p.name for p in (tmp_path / "data").glob("*_pfg.npz")) == ["img1_pfg.npz", "img2_pfg.npz"]
+    assert "6 written, 0 skipped (valid cache), 5 failed" in out
+    assert sorted(p.name for p in (tmp_path / "data").glob("*_pfg.npz")) == [f"img{i}_pfg.npz" for i in range(1, 7)]
+    for image, expected in zip(images[1:], _direct_vectors(tiny_tagger, images[1:])):
+        np.testing.assert_allclose(read_feature(feature_cache_path(image)), expected, atol=1e-5)
 
 
 def test_dataset_config_with_subset_cache_dirs(tiny_tagger_nchw, tmp_path, capsys):
