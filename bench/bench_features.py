@@ -9,7 +9,8 @@ and WD preprocessing in threads, batching, inference, atomic npz writes — over
 "decode only": the pipeline's decoding + preprocessing threads alone (no model, no writes): the
 other ceiling. The pipeline cannot beat min(bare, decode only); on few CPU cores with a tiny model
 the JPEG decode and the 448² bicubic resize, not the model, set the pace.
-Each figure is the best of --repeats runs. The tagger is the tiny offline one unless --tagger_model
+Each figure is the best of --repeats runs; "CPU ms/img" is the process CPU time of that run per
+image (all threads), which a loaded machine inflates far less than it inflates wall time. The tagger is the tiny offline one unless --tagger_model
 names another (e.g. a real-size ViT-B export).
 """
 from __future__ import annotations
@@ -49,14 +50,15 @@ def make_images(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
-def best_of(repeats: int, fn, setup=lambda: None) -> float:
-    times = []
+def best_of(repeats: int, fn, setup=lambda: None) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of the fastest of `repeats` runs."""
+    runs = []
     for _ in range(repeats):
         setup()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        runs.append((time.perf_counter() - start, time.process_time() - cpu))
+    return min(runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,10 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"\n{n} images {size[0]}x{size[1]} JPEG, batch {args.batch_size}, {args.num_workers} decode threads, "
-          f"OMP_NUM_THREADS={threads}, {encoder.provider}, encoder {encoder.encoder_id} (D={encoder.dim}, input {encoder.size})")
-    print(f"{'mode':<12} {'images/s':>10} {'of bare':>8}")
-    for name, seconds in (("bare", bare), ("decode only", decode), ("pipeline", pipeline), ("end-to-end", end_to_end)):
-        print(f"{name:<12} {n / seconds:>10.1f} {bare / seconds:>8.2f}")
+          f"OMP_NUM_THREADS={threads}, {encoder.provider}, encoder {encoder.encoder_id} (D={encoder.dim}, input {encoder.size}), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'mode':<12} {'images/s':>10} {'of bare':>8} {'CPU ms/img':>11}")
+    for name, (seconds, cpu) in (("bare", bare), ("decode only", decode), ("pipeline", pipeline), ("end-to-end", end_to_end)):
+        print(f"{name:<12} {n / seconds:>10.1f} {bare[0] / seconds:>8.2f} {1e3 * cpu / n:>11.2f}")
+    # Every image costs the pipeline its decode as well as its inference: on C otherwise idle cores
+    # it reaches at best C / (its CPU per image), whatever the overlap.
+    print(f"the pipeline spends {pipeline[1] / bare[1]:.1f}x the CPU per image of bare; "
+          f"on {os.cpu_count()} idle cores it could reach at most {os.cpu_count() * bare[1] / pipeline[1]:.2f} of bare")
     return 0
 
 
