@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     from library.saving import OutputWriter
     from library.text_sdxl import make_prompt_encoder
     from library.train_loop import LoopOptions, TrainLoop
-    from library.train_setup import build_adapter, check_output_dir, parameter_groups, prepare_sd_model
+    from library.train_setup import (
+        build_adapter, check_output_dir, fill_deepspeed_config, parameter_groups, prepare_sd_model, prepare_trained,
+    )
     from library.trainer import StepOptions
     from library.trainer_sdxl import make_trainer
 
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device, pooled_dim)
     dataset = PFGDataset(items, features, latents)
 
-    # 4. Optimizer, schedule, and accelerate's wrapping of what trains.
-    trained = [adapter] + ([model.unet] if settings.train_unet != "none" else [])  # full or lora
+    # 4. Optimizer, schedule, and accelerate's wrapping of what trains (one module: DeepSpeed
+    # takes one, and DDP/FSDP sync gradients across its forward, which is the training step).
     optimizer = build_optimizer(settings.optimizer_type, parameter_groups(settings, adapter, model.unet), settings.optimizer_args)
     trainer = make_trainer(model, adapter, prompt_encoder, StepOptions(settings.noise_offset, settings.min_snr_gamma, settings.pfg_dropout, settings.uncond))
     batch_sizes = [d.batch_size for d in dataset_config.datasets]
@@ -102,15 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.save_pfg_pt, settings.save_last_n, {}, encoder_id, dataset_config.datasets[0].resolution,
     )
     hooks = build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_out_features, output_dir)
-    loop = TrainLoop(accelerator, trainer, dataset, items, batch_sizes, optimizer, None, trained, writer, options, hooks)
+    loop = TrainLoop(accelerator, dataset, items, batch_sizes, writer, options, hooks)
     total_steps = loop.total_steps()
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps, num_training_steps=total_steps)
-    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    trainer.adapter = prepared[0]
-    if settings.train_unet != "none":
-        model.unet = prepared[1]
-    loop.trained_modules = list(prepared[: len(trained)])
-    loop.optimizer, loop.lr_scheduler = prepared[-2], prepared[-1]
+    fill_deepspeed_config(accelerator, max(batch_sizes), settings.max_grad_norm)
+    loop.attach(*prepare_trained(accelerator, trainer, settings.train_unet != "none", optimizer, lr_scheduler))
     if settings.resume:
         loop.load_state(Path(settings.resume))
 

@@ -1,7 +1,9 @@
 """The training loop: epochs of bucketed batches, optimizer steps through accelerate, save
-points, resumable state and progress display. The step itself is `PFGTrainer.loss`."""
+points, resumable state and progress display. The step itself is `PFGTrainer.loss`, run as the
+forward of the prepared TrainedModules (library/train_setup.py)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -14,9 +16,7 @@ from library.dataset import PFGDataset, TrainItem, collate, epoch_batches
 from library.errors import UserError
 from library.fileio import atomic_dir
 from library.saving import OutputWriter, epoch_tag, step_tag, write_json
-from library.trainer import PFGTrainer
-
-STATE_FILE = "train_state.json"
+from library.train_settings import STATE_FILE
 
 
 @dataclass
@@ -46,25 +46,22 @@ class TrainLoop:
     def __init__(
         self,
         accelerator,
-        trainer: PFGTrainer,
         dataset: PFGDataset,
         items: list[TrainItem],
         batch_sizes: list[int],
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler,
-        trained_modules: list[torch.nn.Module],
         writer: OutputWriter,
         options: LoopOptions,
         hooks: list | None = None,
     ):
         self.accelerator = accelerator
-        self.trainer = trainer
         self.dataset = dataset
         self.items = items
         self.batch_sizes = batch_sizes
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.trained_modules = trained_modules
+        # Set by attach() once accelerate has prepared them (the schedule needs total_steps() first).
+        self.model: torch.nn.Module | None = None  # the prepared TrainedModules: forward is the loss
+        self.optimizer = None
+        self.lr_scheduler = None
+        self.save_template: torch.nn.Module | None = None
         self.writer = writer
         self.options = options
         # Things done between steps (training samples, validation): each has after_step(step),
@@ -72,6 +69,12 @@ class TrainLoop:
         self.hooks = hooks or []
         self.progress = Progress()
         self._trained: list[torch.nn.Parameter] | None = None
+
+    def attach(self, model: torch.nn.Module, optimizer, lr_scheduler, save_template: torch.nn.Module | None) -> None:
+        """The prepared TrainedModules, optimizer and schedule; `save_template` is its weightless
+        copy (main process) that saving fills with the gathered full weights."""
+        self.model, self.optimizer, self.lr_scheduler, self.save_template = model, optimizer, lr_scheduler, save_template
+        self._trained = None
 
     # -- sizes ------------------------------------------------------------------------------
 
@@ -103,7 +106,14 @@ class TrainLoop:
         folder = Path(folder)
         if not (folder / STATE_FILE).is_file():
             raise UserError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
-        self.accelerator.load_state(str(folder))
+        try:
+            self.accelerator.load_state(str(folder))
+        except (RuntimeError, ValueError, KeyError) as e:  # other modules, shapes or optimizer groups
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"--resume {folder}: this state does not fit the current run ({reason}); resume with the settings "
+                "it was saved with (its NAME-settings.toml) or start without --resume"
+            ) from None
         self.progress = Progress(**json.loads((folder / STATE_FILE).read_text()))
         self.accelerator.print(f"resuming from {folder}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
 
@@ -117,13 +127,28 @@ class TrainLoop:
             state = self.writer.state_dir(tag)
             self.save_state(state)  # every process takes part in accelerate's save_state
             written.append(state)
+        weights = self.full_weights()
         if self.accelerator.is_main_process:
-            unet = self.accelerator.unwrap_model(self.trainer.model.unet)
-            adapter = self.accelerator.unwrap_model(self.trainer.adapter)
-            written = self.writer.save(adapter, unet, tag, {"steps": self.progress.global_step, "epoch": self.progress.epoch}) + written
+            unet = weights.unet if weights.trains_unet else None
+            written = self.writer.save(weights.adapter, unet, tag, {"steps": self.progress.global_step, "epoch": self.progress.epoch}) + written
             if tag is not None:
                 self.writer.rotate(written)
         return written
+
+    def full_weights(self) -> torch.nn.Module | None:
+        """The trained modules holding their full weights (main process; None elsewhere). Every
+        process must call this: under FSDP or DeepSpeed ZeRO-3 each holds a shard, and
+        accelerate's get_state_dict gathers them. Elsewhere it is the live state dict, no copy."""
+        try:
+            state = self.accelerator.get_state_dict(self.model)
+        except ValueError as e:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
+            raise UserError(f"cannot gather the full weights to save them ({e}); with DeepSpeed ZeRO-3 set "
+                            "zero3_save_16bit_model: true in the accelerate config") from None
+        if not self.accelerator.is_main_process:
+            return None
+        weights = copy.deepcopy(self.save_template)  # weightless: cheap
+        weights.load_state_dict(state, strict=True, assign=True)
+        return weights
 
     def _device_batch(self, batch: dict) -> dict:
         device = self.accelerator.device
@@ -132,7 +157,12 @@ class TrainLoop:
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         """Listed once: walking a peft-wrapped UNet's modules every step costs more than clipping."""
         if self._trained is None:
-            self._trained = [p for m in self.trained_modules for p in m.parameters() if p.requires_grad]
+            from accelerate.utils import DistributedType
+
+            parameters = list(self.model.parameters())
+            # accelerate clips an FSDP model through the model itself, recognised by its full list
+            fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+            self._trained = parameters if fsdp else [p for p in parameters if p.requires_grad]
         return self._trained
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
@@ -143,13 +173,25 @@ class TrainLoop:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf loss, on every process together: each one's loss is shared, so no
+        process waits forever in the next collective for one that stopped alone."""
+        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            progress = self.progress
+            where = "" if losses.numel() == 1 else f" on process {int((~finite).nonzero()[0])}"
+            raise TrainingDiverged(
+                f"loss became {losses[~finite][0].item()}{where} at step {progress.global_step + 1} (epoch {progress.epoch + 1}); "
+                "stopping. The last saved checkpoint is intact; lower the learning rate or use another precision"
+            )
+
     def run(self) -> list[Path]:
         total = self.total_steps()
         progress = self.progress
         bar = tqdm(total=total, initial=progress.global_step, desc="steps", disable=not self.accelerator.is_local_main_process)
         loss_sum, loss_count = 0.0, 0
-        for module in self.trained_modules:
-            module.train()
+        self.model.train()
         while progress.global_step < total:
             batches = self.batches_for_epoch(progress.epoch)[progress.batch_in_epoch :]
             # Its own generator: creating an iterator must not draw from the global RNG, or the
@@ -159,14 +201,10 @@ class TrainLoop:
                 generator=torch.Generator().manual_seed(self.options.seed + progress.epoch),
             )
             for batch in loader:
-                with self.accelerator.accumulate(*self.trained_modules):
+                with self.accelerator.accumulate(self.model):
                     with self.accelerator.autocast():
-                        loss = self.trainer.loss(self._device_batch(batch))
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at step {progress.global_step + 1} (epoch {progress.epoch + 1}); "
-                            "stopping. The last saved checkpoint is intact; lower the learning rate or use another precision"
-                        )
+                        loss = self.model(self._device_batch(batch))
+                    self._check_finite(loss)
                     self._optimizer_step(loss)
                 progress.batch_in_epoch += 1
                 loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1

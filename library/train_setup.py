@@ -2,7 +2,10 @@
 the optimizer's parameter groups. One function per decision, called in order by train_pfg.py."""
 from __future__ import annotations
 
+import copy
+import itertools
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -76,3 +79,66 @@ def check_output_dir(settings: TrainSettings) -> Path:
         raise UserError(f"--output_dir {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+class TrainedModules(torch.nn.Module):
+    """What trains, as the one module accelerate prepares: the PFG head (`adapter`) and, in full
+    and lora modes, the UNet (`unet`); state dict keys are `adapter.*` and `unet.*`.
+
+    One module because DeepSpeed takes a single model, and because DDP and FSDP synchronise
+    gradients only across a forward through their wrapper: `forward` is the whole training step
+    (`step(batch)`, the trainer's loss), which calls the two children inside it."""
+
+    def __init__(self, adapter: PFGAdapter, unet: torch.nn.Module | None, step: Callable[[dict], torch.Tensor] | None = None):
+        super().__init__()
+        self.adapter = adapter
+        if unet is not None:
+            self.unet = unet
+        self._step = step  # not a module: outside the state dict
+
+    @property
+    def trains_unet(self) -> bool:
+        return "unet" in self._modules
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self._step(batch)
+
+    def meta_copy(self) -> "TrainedModules":
+        """The same modules with weightless (meta) tensors: a template that `load_state_dict(...,
+        assign=True)` fills with gathered full weights for saving, at no memory cost until then."""
+        memo = {}
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            empty = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
+        return TrainedModules(copy.deepcopy(self.adapter, memo), copy.deepcopy(self.unet, memo) if self.trains_unet else None)
+
+
+def fill_deepspeed_config(accelerator, batch_size: int, max_grad_norm: float) -> None:
+    """accelerate reads DeepSpeed's micro batch size from the dataloaders it prepares; ours are
+    built per epoch (bucketed), so where the DeepSpeed config says "auto" the batch size and the
+    clipping norm (DeepSpeed clips by itself) are given here."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    if plugin.is_auto("gradient_clipping"):
+        plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
+
+
+def prepare_trained(accelerator, trainer, train_unet: bool, optimizer, lr_scheduler):
+    """accelerate.prepare over one TrainedModules (DDP, FSDP or DeepSpeed wrap it as a whole), the
+    optimizer and the schedule; the trainer then calls the prepared module's own children (FSDP
+    may have replaced them by its wrappers). Returns (model, optimizer, lr_scheduler, template):
+    the template (main process only, else None) is the weightless copy saving fills, taken
+    before any wrapper can shard the weights."""
+    trained = TrainedModules(trainer.adapter, trainer.model.unet if train_unet else None, trainer.loss)
+    template = trained.meta_copy() if accelerator.is_main_process else None
+    model, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
+    inner = accelerator.unwrap_model(model)
+    trainer.adapter = inner.adapter
+    if inner.trains_unet:
+        trainer.model.unet = inner.unet
+    return model, optimizer, lr_scheduler, template
