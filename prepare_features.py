@@ -147,9 +147,20 @@ def split_duplicates(jobs: list[Job]) -> tuple[list[Job], list[tuple[Job, str]]]
     return unique, clashes
 
 
+def process_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as accelerate launch / torchrun set them; (0, 1) in a plain run."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise UserError(f"RANK={os.environ.get('RANK')!r} and WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
+    if not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
 def process_share(items: list[T]) -> list[T]:
     """Under accelerate launch / torchrun, each process takes every WORLD_SIZE-th item."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = process_rank()
     return items[rank::world]
 
 
@@ -348,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
 
     todo = [j for j in jobs if needs_run(j)]
     skipped = len(jobs) - len(todo)
-    print(f"{len(jobs) + len(clashes)} images, {skipped} with a valid cache, {len(todo)} to encode with {encoder.encoder_id} (D={encoder.dim})")
+    rank, world = process_rank()
+    share = f" in the share of process {rank} of {world}" if world > 1 else ""
+    print(f"{len(jobs) + len(clashes)} images{share}, {skipped} with a valid cache, {len(todo)} to encode with {encoder.encoder_id} (D={encoder.dim})")
     for job, reason in clashes:
         print(f"failed: {job.image}: {reason}")
     summary = extract_features(encoder, todo, args.batch_size, args.num_workers, captions)

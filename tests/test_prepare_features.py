@@ -266,7 +266,7 @@ def test_processes_split_the_images_without_overlap(tiny_tagger, tmp_path, capsy
     assert written["0"] == {"img0_pfg.npz", "img2_pfg.npz", "img4_pfg.npz"}
     assert written["1"] == {"img1_pfg.npz", "img3_pfg.npz"}
     assert codes == {"0": 0, "1": 1}  # the broken file is rank 1's
-    assert "3 images, 0 with a valid cache, 3 to encode" in outs["0"] and "3 written, 0 skipped (valid cache), 0 failed" in outs["0"]
+    assert "3 images in the share of process 0 of 2, 0 with a valid cache, 3 to encode" in outs["0"] and "3 written, 0 skipped (valid cache), 0 failed" in outs["0"]
     assert "x_broken.jpg" in outs["1"] and "2 written, 0 skipped (valid cache), 1 failed" in outs["1"]
     assert "x_broken.jpg" not in outs["0"]
     direct = _direct_vectors(tiny_tagger, images)
@@ -351,6 +351,14 @@ def test_matmul_add_sigmoid_head_is_found(tiny_tagger_v3, tmp_path, capsys):
     (direct,) = session.run([pooled], {"input": batch})
     for image, expected in zip(images, direct):
         np.testing.assert_allclose(read_feature(feature_cache_path(image)), expected, atol=1e-5)
+
+    # --feature_tensor names the tensor by hand: another encoder id, so every cache is recomputed
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger_v3, "--feature_tensor", pooled)
+    assert code == 0 and "3 written, 0 skipped" in out, out
+    for image, expected in zip(images, direct):
+        vector, encoder_id, _ = read_cache(feature_cache_path(image))
+        assert encoder_id.endswith(f"#{pooled}")
+        np.testing.assert_allclose(vector, expected, atol=1e-5)
 
 
 def test_real_world_image_kinds_are_all_written(tiny_tagger, tmp_path, capsys):
