@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, (seconds, cpu) in (("bare", bare), ("decode only", decode), ("pipeline", pipeline), ("end-to-end", end_to_end)):
         print(f"{name:<12} {n / seconds:>10.1f} {bare[0] / seconds:>8.2f} {1e3 * cpu / n:>11.2f}")
     # Every image costs the pipeline its decode as well as its inference: on C otherwise idle cores
-    # it reaches at best C / (its CPU per image), whatever the overlap.
-    print(f"the pipeline spends {pipeline[1] / bare[1]:.1f}x the CPU per image of bare; "
-          f"on {os.cpu_count()} idle cores it could reach at most {os.cpu_count() * bare[1] / pipeline[1]:.2f} of bare")
+    # it reaches at best C / (its CPU per image) images/s, whatever the overlap.
+    cores = os.cpu_count() or 1
+    print(f"the pipeline spends {pipeline[1] / bare[1]:.1f}x the CPU per image of bare; on {cores} idle cores "
+          f"it could reach at most {cores * bare[0] / pipeline[1]:.2f} of bare")
     return 0
 
 

@@ -253,6 +253,10 @@ def _make_session(model: onnx.ModelProto, model_path: Path, device: str):
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # honour the usual cap on shared machines
     if threads > 0:
         options.intra_op_num_threads = threads
+    # Idle intra-op threads sleep instead of spinning: between batches the cores belong to the
+    # threads decoding the next images (and, in the trainer and samplers, to torch). Measured with
+    # prepare_features on 2 cores: 13.4 instead of 15.1 ms of CPU per image.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers: list = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" in ort.get_available_providers():
