@@ -363,9 +363,11 @@ def test_full_mode_outputs(request, prepared_dataset, tmp_path, case):
         model = request.getfixturevalue("tiny_sd2")
         _train(model, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "2", "--pfg_num_tokens", "2",
                "--mixed_precision", "bf16", "--full_bf16", "--save_model_as", "diffusers",
-               # AdamW8bit on bf16 weights on CPU once gave a NaN at step 2 after other tests in the
-               # same process (never alone; suspected: bitsandbytes' CPU 8-bit path), so plain AdamW
-               "--optimizer_type", "AdamW")
+               # Pure bf16 weights at the other tests' rates (PFG 1e-2) sat at the edge of stability:
+               # a NaN at step 2 under some PYTHONHASHSEED values, whichever the optimizer (the trainer
+               # gave the same losses under any hash seed on the demo data; what varies in these
+               # fixtures was not found). Rates as a bf16 run would use.
+               "--optimizer_type", "AdamW", "--learning_rate", "1e-4", "--pfg_learning_rate", "1e-3")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "t-pfg.safetensors", "t-settings.toml"]
         saved = load_sd_model(str(tmp_path / "t"))
         assert saved.variant == "sd2" and saved.v_prediction and saved.cross_attention_dim == 64

@@ -268,7 +268,7 @@ def fit_vae(base: Path, train: list[tuple[Path, dict]], heldout: list[tuple[Path
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
-    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=VAE_WARMUP, num_training_steps=steps)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=min(VAE_WARMUP, steps // 10), num_training_steps=steps)
     vae.train()
     for _ in range(steps):
         pick = torch.randint(0, len(images), (VAE_BATCH,), generator=generator)
