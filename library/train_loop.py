@@ -103,9 +103,7 @@ class TrainLoop:
             write_json(tmp / STATE_FILE, asdict(self.progress))
 
     def load_state(self, folder: Path) -> None:
-        folder = Path(folder)
-        if not (folder / STATE_FILE).is_file():
-            raise UserError(f"--resume {folder}: not a training state folder (no {STATE_FILE})")
+        folder = Path(folder)  # a state folder: TrainSettings.validate checked it before any model loaded
         try:
             self.accelerator.load_state(str(folder))
         except (RuntimeError, ValueError, KeyError) as e:  # other modules, shapes or optimizer groups
