@@ -5,8 +5,8 @@ edit the graph: the data input of the final classifier MatMul/Gemm (the pooled, 
 vector) becomes an extra graph output. Everything about the interface — input name, size, NHWC or
 NCHW, pooled width — is read from the model, never assumed.
 
-The second family is a CLIP vision model through transformers (a save_pretrained folder or a hub
-id): the vector is its projected image embedding, so PFG is not tied to anime taggers.
+The second family is a CLIP vision model through transformers (library/clip_encoder.py): the
+vector is its projected image embedding, so PFG is not tied to anime taggers.
 """
 from __future__ import annotations
 
@@ -273,62 +273,6 @@ def _make_session(model: onnx.ModelProto, model_path: Path, device: str):
     return session, session.get_providers()[0]
 
 
-class ClipVisionEncoder:
-    """transformers' CLIPVisionModelWithProjection + its CLIPImageProcessor; the vector is the
-    projected image embedding (`image_embeds`, D = projection_dim)."""
-
-    def __init__(self, folder: Path, name: str, device: str = "cpu"):
-        import torch
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        if not (folder / "config.json").is_file() or not weights:
-            raise UserError(f"CLIP model folder {folder} needs config.json and *.safetensors weights (as save_pretrained writes them)")
-        try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(folder).eval()
-            self.processor = CLIPImageProcessor.from_pretrained(folder)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load {folder} as a CLIP vision model ({type(e).__name__}: {e})") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            print("CUDA is not available to torch; running the CLIP encoder on CPU")
-            device = "cpu"
-        elif not device.startswith(("cuda", "cpu")):
-            raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.provider = f"torch {self.device}"
-        print(f"CLIP vision encoder {folder}: {self.provider}")
-        digest = hashlib.sha256()
-        for path in weights:  # sharded checkpoints: every shard, in name order
-            digest.update(file_hash(path, 64).encode())
-        self.encoder_id = f"{name}:{digest.hexdigest()[:12]}"
-        self.dim = int(self.model.config.projection_dim)
-        self.probs_name = None
-        self.item_shape = self.preprocess(Image.new("RGB", (64, 64))).shape
-
-    def preprocess(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-        pixels = self.processor(images=to_rgb(image), return_tensors="np")["pixel_values"][0].astype(np.float32, copy=False)
-        if out is None:
-            return pixels
-        np.copyto(out, pixels)
-        return out
-
-    def encode_batch(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, self.model.dtype)
-            embeds = self.model(pixel_values=pixels).image_embeds
-        return embeds.float().cpu().numpy()
-
-    def encode(self, images: list[Image.Image]) -> np.ndarray:
-        return self.encode_batch(np.stack([self.preprocess(im) for im in images]))
-
-
-def _is_hub_id(spec: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not spec.endswith(".onnx") and not Path(spec).expanduser().exists()
-
-
 def detect_encoder_kind(spec: str) -> str:
     """"wd" for an .onnx file or a folder holding one, "clip" for a transformers folder (config.json);
     a hub id cannot be inspected offline and counts as "wd" unless --encoder clip says otherwise."""
@@ -336,25 +280,6 @@ def detect_encoder_kind(spec: str) -> str:
     if path.is_dir() and not any(path.glob("*.onnx")) and (path / "config.json").is_file():
         return "clip"
     return "wd"
-
-
-def _resolve_clip(spec: str) -> tuple[Path, str]:
-    """(local folder, display name) of a CLIP model folder or hub id."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path, path.resolve().name
-    if not _is_hub_id(spec):
-        raise UserError(f"CLIP model not found: {spec} (expected a save_pretrained folder or a hub id)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:  # offline, unknown repo: all end the same way for the user
-        raise UserError(
-            f"CLIP model {spec!r} is not a local folder and could not be downloaded from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})"
-        ) from None
-    return folder, spec.split("/")[-1]
 
 
 ENCODER_KINDS = ("auto", "wd", "clip")
@@ -371,6 +296,8 @@ def load_encoder(spec: str, device: str = "cpu", feature_tensor: str | None = No
     if kind == "clip":
         if feature_tensor:
             raise UserError("--feature_tensor applies to ONNX taggers, not to a CLIP vision model")
-        folder, name = _resolve_clip(spec)
+        from library.clip_encoder import ClipVisionEncoder, resolve_clip
+
+        folder, name = resolve_clip(spec)
         return ClipVisionEncoder(folder, name, device=device)
     return OnnxTagger(resolve_tagger(spec), device=device, feature_tensor=feature_tensor)
