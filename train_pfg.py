@@ -109,17 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps, num_training_steps=total_steps)
     fill_deepspeed_config(accelerator, max(batch_sizes), settings.max_grad_norm)
     loop.attach(*prepare_trained(accelerator, trainer, settings.train_unet != "none", optimizer, lr_scheduler))
+    if accelerator.num_processes > 1:
+        # Each process draws its own noise, timesteps and dropouts from here on (with one seed every
+        # GPU would pick the same timesteps at every step); the weights were made alike above, and
+        # DDP starts every process from the main one's anyway. One process keeps its usual stream.
+        set_seed(settings.seed, device_specific=True)
     if settings.resume:
         loop.load_state(Path(settings.resume))
 
-    summary = run_summary(settings, items, dataset_config, total_steps, model)
+    summary = run_summary(settings, items, dataset_config, total_steps, model, loop, accelerator.num_processes)
     writer.base_metadata = training_metadata(summary)
     if accelerator.log_with:
         accelerator.init_trackers(settings.output_name, config={k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
     if accelerator.is_main_process:
         (output_dir / f"{settings.output_name}-settings.toml").write_text(settings_to_toml(settings))
     accelerator.print(f"training {settings.train_unet!r} on {accelerator.num_processes} process(es): {total_steps} steps, {len(items)} images, "
-                      f"{math.ceil(total_steps / max(1, loop.steps_per_epoch()))} epochs")
+                      f"{summary['ss_num_epochs']} epochs")
 
     # 5. Train and save.
     started = time.time()
@@ -136,13 +141,17 @@ def ensure_features(items, settings, accelerator) -> None:
     another encoder (each process takes its share, as when it runs alone)."""
     if not settings.tagger_model:
         return
+    import torch
+
     import prepare_features
 
     source = ["--dataset_config", settings.dataset_config] if settings.dataset_config else ["--train_data_dir", settings.train_data_dir]
     status = prepare_features.main([*source, "--tagger_model", settings.tagger_model])
-    accelerator.wait_for_everyone()
-    if status:
-        raise UserError("some images could not be encoded (listed above); fix or remove them, then train again")
+    # Every process learns of a failure in any share, or the others would wait for it forever.
+    failed = accelerator.gather(torch.tensor([int(bool(status))], device=accelerator.device)).nonzero().flatten().tolist()
+    if failed:
+        where = "" if accelerator.num_processes == 1 else f" by process {', '.join(map(str, failed))}"
+        raise UserError(f"some images could not be encoded (listed above{where}); fix or remove them, then train again")
 
 
 def split_validation(items, features, settings):
@@ -213,7 +222,7 @@ def trackers(settings) -> list[str] | None:
     return wanted or None
 
 
-def run_summary(settings, items, dataset_config, total_steps: int, model) -> dict:
+def run_summary(settings, items, dataset_config, total_steps: int, model, loop, num_processes: int) -> dict:
     """The `ss_*` metadata written into every output."""
     from library.dataset import bucket_counts
 
@@ -233,6 +242,11 @@ def run_summary(settings, items, dataset_config, total_steps: int, model) -> dic
         "ss_optimizer": settings.optimizer_type,
         "ss_max_train_steps": total_steps,
         "ss_gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": settings.gradient_checkpointing,
+        "ss_num_processes": num_processes,
+        "ss_batch_size_per_device": max(d.batch_size for d in dataset_config.datasets),
+        "ss_num_batches_per_epoch": len(loop.batches_for_epoch(0)),
+        "ss_num_epochs": math.ceil(total_steps / max(1, loop.steps_per_epoch())),
         "ss_mixed_precision": settings.mixed_precision,
         "ss_full_bf16": settings.full_bf16,
         "ss_seed": settings.seed,

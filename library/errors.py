@@ -15,8 +15,19 @@ def run_cli(main: Callable[[], int | None]) -> None:
         code = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _leave_process_group()
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    _leave_process_group()
     sys.exit(code or 0)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, close torch.distributed before exiting: exiting with
+    the process group open aborts the process (SIGABRT, "terminate called without an active
+    exception") and hides the exit status behind the launcher's crash report."""
+    dist = sys.modules.get("torch.distributed")  # only when the script used it: never imports torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from library.dataset import PFGDataset, TrainItem, collate, epoch_batches
 from library.errors import UserError
-from library.fileio import atomic_dir
+from library.fileio import replace_dir
 from library.saving import OutputWriter, epoch_tag, step_tag, write_json
 from library.train_settings import STATE_FILE
 
@@ -98,9 +99,20 @@ class TrainLoop:
     # -- state ------------------------------------------------------------------------------
 
     def save_state(self, folder: Path) -> None:
-        with atomic_dir(folder) as tmp:
-            self.accelerator.save_state(str(tmp))
+        """accelerate's state (every process writes its own RNG file, and under FSDP/DeepSpeed its
+        shards) into one temporary folder all processes share, renamed into place when complete."""
+        accelerator = self.accelerator
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
             write_json(tmp / STATE_FILE, asdict(self.progress))
+            replace_dir(tmp, folder)
+        accelerator.wait_for_everyone()
 
     def load_state(self, folder: Path) -> None:
         folder = Path(folder)  # a state folder: TrainSettings.validate checked it before any model loaded

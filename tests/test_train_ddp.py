@@ -1,0 +1,67 @@
+"""train_pfg.py on two processes: DDP over torch.distributed (gloo on CPU), launched by torchrun
+as `accelerate launch --multi_gpu` launches it on GPUs, with accelerate's MULTI_CPU state.
+
+Each launch pays two interpreter starts and imports (about 10 s), so the tests are few."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from library.pfg import load_pfg
+from tests import test_train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_pfg.py", *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _common(model: Path, dataset: Path, out: Path) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--dataset_config", str(dataset), "--output_dir", str(out),
+            "--output_name", "t", "--seed", "1", "--learning_rate", "1e-3", "--pfg_learning_rate", "1e-2",
+            "--train_unet", "full", "--pfg_num_tokens", "2", "--optimizer_type", "AdamW"]
+
+
+def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dataset, tmp_path):
+    """Two processes split each epoch's batches; 4 steps straight equal 2 steps + resume + 2 steps
+    (each process's data share, noise stream and optimizer state come back), with the outputs
+    written once by the main process and the metadata telling the process count."""
+    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--max_train_steps", "4"]
+    straight = _launch(*_common(tiny_sd1, prepared_dataset, tmp_path / "straight"), *schedule,
+                       "--save_every_n_steps", "2", "--save_state")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "training 'full' on 2 process(es)" in straight.stdout
+    state = tmp_path / "straight" / "t-step00000002-state"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}  # one noise stream each
+
+    resumed = _launch(*_common(tiny_sd1, prepared_dataset, tmp_path / "resumed"), *schedule, "--resume", str(state))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 2" in resumed.stdout
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["t-pfg.safetensors", "t-settings.toml", "t.safetensors"]
+    for name in ("t-pfg.safetensors", "t.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    meta = load_pfg(tmp_path / "resumed" / "t-pfg.safetensors")[1]
+    assert meta["ss_num_processes"] == "2" and meta["ss_batch_size_per_device"] == "2"
+
+
+def test_a_failure_in_one_share_stops_every_process(tiny_sd1, prepared_dataset, tiny_tagger, tmp_path):
+    """--tagger_model encodes missing vectors, each process its share of the images. An image that
+    cannot be decoded falls to process 1; process 0 must stop too, not wait for it forever."""
+    dataset = test_train._small_dataset(prepared_dataset, tmp_path / "data", 3)
+    good = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
+    (good.parent / "zz_truncated.png").write_bytes(good.read_bytes()[:200])  # sorted 4th: process 1's share
+    result = _launch(*_common(tiny_sd1, dataset, tmp_path / "out"), "--max_train_steps", "2", "--tagger_model", str(tiny_tagger))
+    assert "failed: " in result.stdout and "zz_truncated.png: corrupt or truncated image" in result.stdout
+    message = "error: some images could not be encoded (listed above by process 1); fix or remove them, then train again"
+    assert result.stderr.count(message) == 2  # each process says it, and each ends with status 2
+    assert "exitcode  : 2" in result.stderr and "SIGABRT" not in result.stderr
+    assert not (tmp_path / "out" / "t-pfg.safetensors").exists()
