@@ -30,6 +30,7 @@ class TrainingValidation:
         self.candidates = candidates
         self.seed = seed
         self.history: list[dict] = []
+        self.last_step: int | None = None
 
     def after_step(self, step: int) -> None:
         if self.every_n_steps and step % self.every_n_steps == 0:
@@ -39,13 +40,14 @@ class TrainingValidation:
         """Validation follows steps, not epochs."""
 
     def at_end(self, step: int) -> None:
-        if not self.history or self.history[-1]["step"] != step:
+        if self.last_step != step:
             self.run(step)
 
     def run(self, step: int) -> dict | None:
         """Main process only, on unwrapped modules (no collective calls); seeded noise, so the
         training RNG is untouched."""
         self.accelerator.wait_for_everyone()
+        self.last_step = step  # on every process (history is the main one's): all must agree on at_end
         if not self.accelerator.is_main_process:
             return None
         trainer = self.make_trainer()

@@ -34,11 +34,18 @@ def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dat
     """Two processes split each epoch's batches; 4 steps straight equal 2 steps + resume + 2 steps
     (each process's data share, noise stream and optimizer state come back), with the outputs
     written once by the main process and the metadata telling the process count."""
-    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--max_train_steps", "4"]
+    schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--max_train_steps", "4",
+                "--validation_split", "0.2", "--validation_every_n_steps", "2"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("illustration of * --w 64 --h 64 --s 2 --d 7\n")
     straight = _launch(*_common(tiny_sd1, prepared_dataset, tmp_path / "straight"), *schedule,
-                       "--save_every_n_steps", "2", "--save_state")
+                       "--save_every_n_steps", "2", "--save_state", "--sample_prompts", str(prompts), "--sample_every_n_steps", "3")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "training 'full' on 2 process(es)" in straight.stdout
+    # samples and validation run on the main process while the other waits, and leave no trace
+    # in the training (the resumed run below has no samples)
+    assert sorted(p.name for p in (tmp_path / "straight" / "sample").iterdir()) == ["t_000003_00_7.png"]
+    assert straight.stdout.count("conditioning gain") >= 2
     state = tmp_path / "straight" / "t-step00000002-state"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}  # one noise stream each
 
