@@ -32,6 +32,10 @@ from typing import Any, Iterator, Mapping
 
 import toml
 
+from .dataset_schema import (  # noqa: F401  (parse_resolution: imported from here by the scripts)
+    DATASET_KEYS, GENERAL, GENERAL_ALLOWED, SUBSET_KEYS, SUBSET_ONLY_KEYS, Problems, array_of_tables, check_table,
+    dataset_name, describe, parse_resolution, subset_name,
+)
 from .errors import UserError, run_cli
 
 
@@ -39,66 +43,7 @@ class UnsupportedKeyWarning(UserWarning):
     """A kohya dataset key that PFG scripts accept but do not implement."""
 
 
-# Keys we implement, with their TOML type, by where they may appear (as in kohya's schema).
-DATASET_KEYS = {  # [general] and [[datasets]]
-    "resolution": "resolution",
-    "batch_size": "int",
-    "enable_bucket": "bool",
-    "min_bucket_reso": "int",
-    "max_bucket_reso": "int",
-    "bucket_reso_steps": "int",
-    "bucket_no_upscale": "bool",
-}
-SUBSET_KEYS = {  # [general], [[datasets]] and [[datasets.subsets]]
-    "num_repeats": "int",
-    "caption_extension": "str",
-    "class_tokens": "str",
-    "shuffle_caption": "bool",
-    "keep_tokens": "int",
-    "caption_dropout_rate": "float",
-    "flip_aug": "bool",
-    "encoder": "str",
-}
-SUBSET_ONLY_KEYS = {  # [[datasets.subsets]] only
-    "image_dir": "str",
-    "is_reg": "bool",
-    "cache_dir": "str",  # subset only: a shared cache folder would mix up equal file names
-}
-
-# kohya keys accepted with a warning, by the same placement rules.
-KOHYA_UNSUPPORTED_DATASET_KEYS = ("network_multiplier", "validation_seed", "validation_split")
-KOHYA_UNSUPPORTED_SUBSET_KEYS = (
-    "color_aug", "face_crop_aug_range", "random_crop", "keep_tokens_separator", "secondary_separator",
-    "caption_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "caption_prefix",
-    "caption_suffix", "custom_attributes", "resize_interpolation", "caption_dropout_every_n_epochs",
-    "caption_tag_dropout_rate", "cache_info",
-)
-KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS = ("alpha_mask", "metadata_file", "conditioning_data_dir")
-
-_GENERAL_ALLOWED = {*DATASET_KEYS, *SUBSET_KEYS, *KOHYA_UNSUPPORTED_DATASET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_KEYS}
-_DATASET_ALLOWED = _GENERAL_ALLOWED | {"subsets"}
-_SUBSET_ALLOWED = {*SUBSET_KEYS, *SUBSET_ONLY_KEYS, *KOHYA_UNSUPPORTED_SUBSET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS}
-_UNSUPPORTED = {*KOHYA_UNSUPPORTED_DATASET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS}
-_TYPE_NAMES = {"int": "an integer", "bool": "true or false", "float": "a number", "str": "a string",
-               "resolution": "an integer or [width, height]"}
-
 COMMAND_LINE = "command line / default"  # the source label of a DatasetDefaults value
-
-
-def parse_resolution(value: Any) -> tuple[int, int]:
-    """512, "512", "512,768", "512x768", [512, 768] -> (width, height). ValueError otherwise."""
-    if isinstance(value, str):
-        parts = value.replace("x", ",").split(",")
-        try:
-            value = [int(p) for p in parts] if len(parts) > 1 else int(parts[0])
-        except ValueError:
-            raise ValueError(f"resolution {value!r} is not W or W,H") from None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (isinstance(value, (list, tuple)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        return (value[0], value[1])
-    raise ValueError(f"resolution must be an integer or [width, height], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -271,120 +216,24 @@ def _line(text: str, lineno: int) -> str:
     return lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
 
 
-GENERAL = "[general]"
-
-
-def _dataset_name(i: int) -> str:
-    return f"[[datasets]] #{i + 1}"
-
-
-def _subset_name(i: int, j: int) -> str:
-    return f"{_dataset_name(i)} > [[datasets.subsets]] #{j + 1}"
-
-
-class _Problems:
-    """Collects every problem so one run reports them all, each naming file, table and key."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.messages: list[str] = []
-        self.unsupported: dict[str, list[str]] = {}
-
-    def add(self, table: str, message: str) -> None:
-        self.messages.append(f"{self.source}: {table}: {message}")
-
-    def raise_if_any(self) -> None:
-        if len(self.messages) == 1:
-            raise UserError(self.messages[0])
-        if self.messages:
-            raise UserError(f"{len(self.messages)} problems in the dataset config:\n" + "\n".join(self.messages))
-
-
-def _check_type(kind: str, value: Any) -> tuple[bool, Any]:
-    """(ok, normalized value)."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
-    if kind == "int":
-        return is_int, value
-    if kind == "float":
-        ok = is_int or isinstance(value, float)
-        return ok, float(value) if ok else value
-    if kind == "bool":
-        return isinstance(value, bool), value
-    if kind == "str":
-        return isinstance(value, str), value
-    if isinstance(value, str):  # kohya's schema takes numbers only; "512" is a typo here
-        return False, value
-    try:
-        return True, parse_resolution(value)
-    except ValueError:
-        return False, value
-
-
-def _describe(value: Any) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}
-    return f"{kind.get(type(value), type(value).__name__)} {json.dumps(value, default=str)}"
-
-
-def _check_table(table: Mapping[str, Any], name: str, level: str, problems: _Problems) -> dict[str, Any]:
-    """Validate one table's keys and types; return its implemented keys with normalized values."""
-    allowed = {"general": _GENERAL_ALLOWED, "dataset": _DATASET_ALLOWED, "subset": _SUBSET_ALLOWED}[level]
-    types = {**DATASET_KEYS, **SUBSET_KEYS, **SUBSET_ONLY_KEYS}
-    checked: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in allowed:
-            problems.add(name, _misplaced_or_unknown(key, allowed))
-        elif key in _UNSUPPORTED:
-            problems.unsupported.setdefault(key, []).append(name)
-        elif key == "subsets":
-            continue
-        else:
-            ok, normalized = _check_type(types[key], value)
-            if ok:
-                checked[key] = normalized
-            else:
-                problems.add(name, f"'{key}' must be {_TYPE_NAMES[types[key]]}, got {_describe(value)}")
-    return checked
-
-
-def _misplaced_or_unknown(key: str, allowed: set[str]) -> str:
-    if key in DATASET_KEYS or key in KOHYA_UNSUPPORTED_DATASET_KEYS:
-        return f"'{key}' is a dataset setting: move it to the [[datasets]] table or to [general]"
-    if key == "cache_dir":
-        return ("'cache_dir' belongs in a [[datasets.subsets]] table: one per subset, as caches of images "
-                "with equal file names would collide")
-    if key in SUBSET_ONLY_KEYS or key in KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS:
-        return f"'{key}' belongs in a [[datasets.subsets]] table"
-    if key == "subsets":
-        return "'subsets' belongs under a [[datasets]] table ([[datasets.subsets]])"
-    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
-    valid = ", ".join(sorted(allowed - _UNSUPPORTED))
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {valid}"
-    return f"unknown key '{key}'{hint}"
-
-
-def _tables(value: Any, key: str, where: str, problems: _Problems) -> list[dict[str, Any]]:
-    if isinstance(value, list) and all(isinstance(t, dict) for t in value):
-        return value
-    problems.add(where, f"'{key}' must be an array of tables ([[{key}]] headers), got {_describe(value)}")
-    return []
 
 
 def _build(raw: Any, source: str, defaults: DatasetDefaults, config_dir: Path | None) -> DatasetConfig:
-    problems = _Problems(source)
+    problems = Problems(source)
     if not isinstance(raw, dict):
         raise UserError(f"{source}: the top level must be a table with [general] and [[datasets]]")
     for key in raw:
         if key not in ("general", "datasets"):
-            where = "[general]" if key in _GENERAL_ALLOWED else "its table"
+            where = "[general]" if key in GENERAL_ALLOWED else "its table"
             close = difflib.get_close_matches(key, ["general", "datasets"], n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close and key not in _GENERAL_ALLOWED else f"; move it to {where}"
+            hint = f"; did you mean '{close[0]}'?" if close and key not in GENERAL_ALLOWED else f"; move it to {where}"
             problems.add("top level", f"unknown key '{key}' (only [general] and [[datasets]] go here){hint}")
     general_raw = raw.get("general", {})
     if not isinstance(general_raw, dict):
-        problems.add("top level", f"'general' must be a table ([general]), got {_describe(general_raw)}")
+        problems.add("top level", f"'general' must be a table ([general]), got {describe(general_raw)}")
         general_raw = {}
-    general = _check_table(general_raw, GENERAL, "general", problems)
-    datasets_raw = _tables(raw.get("datasets", []), "datasets", "top level", problems)
+    general = check_table(general_raw, GENERAL, "general", problems)
+    datasets_raw = array_of_tables(raw.get("datasets", []), "datasets", "top level", problems)
     if not datasets_raw and isinstance(raw.get("datasets", []), list):
         problems.add("top level", "no [[datasets]] table; add one with at least one [[datasets.subsets]] image_dir")
 
@@ -392,9 +241,9 @@ def _build(raw: Any, source: str, defaults: DatasetDefaults, config_dir: Path | 
     _validate_defaults(command_line, problems)
     blueprints = []
     for i, dataset_raw in enumerate(datasets_raw):
-        dname = _dataset_name(i)
-        dataset = _check_table(dataset_raw, dname, "dataset", problems)
-        subsets_raw = _tables(dataset_raw.get("subsets", []), "subsets", dname, problems)
+        dname = dataset_name(i)
+        dataset = check_table(dataset_raw, dname, "dataset", problems)
+        subsets_raw = array_of_tables(dataset_raw.get("subsets", []), "subsets", dname, problems)
         if not subsets_raw:
             problems.add(dname, "no [[datasets.subsets]] table; each dataset needs at least one image_dir")
         layers = [(dname, dataset), (GENERAL, general), (COMMAND_LINE, command_line)]
@@ -402,8 +251,8 @@ def _build(raw: Any, source: str, defaults: DatasetDefaults, config_dir: Path | 
         _validate_dataset(dname, dvalues, dsources, problems)
         subsets = []
         for j, subset_raw in enumerate(subsets_raw):
-            sname = _subset_name(i, j)
-            subset = _check_table(subset_raw, sname, "subset", problems)
+            sname = subset_name(i, j)
+            subset = check_table(subset_raw, sname, "subset", problems)
             svalues, ssources = _resolve(SUBSET_KEYS, [(sname, subset)] + layers)
             only, only_sources = _resolve(SUBSET_ONLY_KEYS, [(sname, subset), (COMMAND_LINE, {"is_reg": False})])
             svalues.update(only)
@@ -444,7 +293,7 @@ def _resolve(keys: Mapping[str, str], layers: list[tuple[str, Mapping[str, Any]]
     return values, sources
 
 
-def _validate_defaults(values: Mapping[str, Any], problems: _Problems) -> None:
+def _validate_defaults(values: Mapping[str, Any], problems: Problems) -> None:
     try:
         parse_resolution(values["resolution"])
     except ValueError as e:
@@ -456,7 +305,7 @@ def _at(key: str, sources: Mapping[str, str], table: str) -> str:
     return f"'{key}'" if sources[key] == table else f"'{key}' (set in {sources[key]})"
 
 
-def _validate_dataset(name: str, v: dict[str, Any], src: dict[str, str], problems: _Problems) -> None:
+def _validate_dataset(name: str, v: dict[str, Any], src: dict[str, str], problems: Problems) -> None:
     try:
         v["resolution"] = parse_resolution(v["resolution"])
     except ValueError:
@@ -491,7 +340,7 @@ def _validate_dataset(name: str, v: dict[str, Any], src: dict[str, str], problem
 
 def _make_subset(
     name: str, v: dict[str, Any], src: dict[str, str], raw: Mapping[str, Any], config_dir: Path | None,
-    problems: _Problems,
+    problems: Problems,
 ) -> SubsetConfig | None:
     before = len(problems.messages)
     if v["num_repeats"] < 1:
