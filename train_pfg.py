@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from library.text_sdxl import make_prompt_encoder
     from library.train_loop import LoopOptions, TrainLoop
     from library.train_setup import (
-        build_adapter, check_output_dir, fill_deepspeed_config, parameter_groups, prepare_sd_model, prepare_trained,
+        build_adapter, check_output_dir, cpu_bf16_conv_warning, fill_deepspeed_config, parameter_groups, prepare_sd_model,
+        prepare_trained,
     )
     from library.trainer import StepOptions
     from library.trainer_sdxl import make_trainer
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         latents = cache_latents(jobs, model.vae.to(accelerator.device), to_disk=settings.cache_latents_to_disk,
                                 progress=accelerator.is_local_main_process)
     prepare_sd_model(model, settings, accelerator.device)
+    warning = cpu_bf16_conv_warning(settings, model, bucket_counts(items), accelerator.device)
+    if warning:
+        accelerator.print(warning)
     if settings.pfg_pooled and not model.is_sdxl:
         raise UserError(f"--pfg_pooled needs an SDXL model; {settings.pretrained_model_name_or_path} is {model.variant}")
     prompt_encoder = make_prompt_encoder(model, settings.max_token_length, settings.clip_skip)

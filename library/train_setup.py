@@ -46,6 +46,27 @@ def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.devi
     model.unet.train(settings.train_unet != "none" or settings.gradient_checkpointing)
 
 
+def cpu_bf16_conv_warning(settings: TrainSettings, model: SDModel, buckets, device: torch.device) -> str | None:
+    """A warning, or None. On the CPU, oneDNN's bf16 weight gradient of a stride-2 conv whose
+    input is 1 pixel wide reads uninitialised memory (torch 2.13): the gradient is garbage, NaN
+    when that memory held NaNs. The UNet's last downsampler gets such an input from buckets whose
+    latent width is at most 2^(downsamplers - 1); it matters only when that conv's weights train."""
+    if device.type != "cpu" or settings.mixed_precision != "bf16":
+        return None
+    if not (settings.train_unet == "full" or (settings.train_unet == "lora" and settings.network_conv_dim > 0)):
+        return None
+    downsamplers = sum(1 for block in model.unet.down_blocks if getattr(block, "downsamplers", None))
+    if downsamplers == 0:
+        return None
+    limit = model.vae_scale_factor * 2 ** (downsamplers - 1)  # image pixels
+    narrow = [f"{w}x{h}" for w, h in buckets if w <= limit]
+    if not narrow:
+        return None
+    return (f"warning: bf16 training on the CPU with buckets {limit} px wide or narrower (here {', '.join(narrow)}): "
+            "PyTorch's CPU bf16 kernel computes a wrong weight gradient for the UNet's last downsampler at that "
+            "width, which can turn the loss into NaN; use --mixed_precision no on the CPU, or raise min_bucket_reso")
+
+
 def lora_shape(settings: TrainSettings) -> LoraShape:
     return LoraShape(settings.network_dim, settings.network_alpha, settings.network_conv_dim, settings.network_conv_alpha)
 
