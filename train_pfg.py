@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from library.text_sdxl import make_prompt_encoder
     from library.train_loop import LoopOptions, TrainLoop
     from library.train_setup import (
-        build_adapter, check_output_dir, cpu_bf16_conv_warning, fill_deepspeed_config, parameter_groups, prepare_sd_model,
-        prepare_trained,
+        build_adapter, check_output_dir, check_unsharded_for_hooks, cpu_bf16_conv_warning, fill_deepspeed_config,
+        parameter_groups, prepare_sd_model, prepare_trained,
     )
     from library.trainer import StepOptions
     from library.trainer_sdxl import make_trainer
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         log_with=trackers(settings),
         project_dir=settings.logging_dir or None,
     )
+    check_unsharded_for_hooks(accelerator, settings)
     set_seed(settings.seed)
 
     # 2. Images, buckets, captions and PFG vectors.
@@ -81,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         # Before the VAE is cast to the training precision: caches are made (and validated) with
         # the VAE's own fp32 weights, so prepare_features.py's caches match whatever precision.
         jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
-        latents = cache_latents(jobs, model.vae.to(accelerator.device), to_disk=settings.cache_latents_to_disk,
-                                progress=accelerator.is_local_main_process)
+        vae = model.vae.to(accelerator.device)
+        if settings.cache_latents_to_disk and accelerator.num_processes > 1:
+            # Each process encodes its share into the disk cache; then all read every cache.
+            share = jobs[accelerator.process_index :: accelerator.num_processes]
+            cache_latents(share, vae, to_disk=True, progress=accelerator.is_local_main_process)
+            accelerator.wait_for_everyone()
+        latents = cache_latents(jobs, vae, to_disk=settings.cache_latents_to_disk, progress=accelerator.is_local_main_process)
     prepare_sd_model(model, settings, accelerator.device)
     warning = cpu_bf16_conv_warning(settings, model, bucket_counts(items), accelerator.device)
     if warning:

@@ -134,6 +134,26 @@ class TrainedModules(torch.nn.Module):
         return TrainedModules(copy.deepcopy(self.adapter, memo), copy.deepcopy(self.unet, memo) if self.trains_unet else None)
 
 
+def check_unsharded_for_hooks(accelerator, settings: TrainSettings) -> None:
+    """Training samples and validation run the UNet on the main process alone. Under FSDP or
+    DeepSpeed ZeRO-3 each process holds only a shard of the weights, and a forward pass gathers
+    them from every process: alone, the main process would wait forever. Said before models load."""
+    from accelerate.utils import DistributedType
+
+    sharded = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        sharded = "FSDP"
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        sharded = "DeepSpeed ZeRO-3"
+    hooks = [flag for flag, on in (("--sample_prompts", settings.sample_prompts), ("--validation_split", settings.validation_split)) if on]
+    if sharded and hooks:
+        raise UserError(
+            f"{' and '.join(hooks)} run the model on the main process alone, which {sharded} (weights sharded across "
+            "processes) cannot do; train with DDP or DeepSpeed ZeRO-1/2 for them, or sample the saved checkpoints "
+            "with gen_pfg.py and measure them with eval_pfg.py"
+        )
+
+
 def fill_deepspeed_config(accelerator, batch_size: int, max_grad_norm: float) -> None:
     """accelerate reads DeepSpeed's micro batch size from the dataloaders it prepares; ours are
     built per epoch (bucketed), so where the DeepSpeed config says "auto" the batch size and the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -355,27 +356,27 @@ def _small_dataset(prepared_dataset: Path, folder: Path, count: int) -> Path:
 
 @pytest.mark.parametrize("case", ["sd2 diffusers", "sd1 fp16 ckpt per epoch"])
 def test_full_mode_outputs(request, prepared_dataset, tmp_path, case):
-    """Full mode in each output format and precision: SD2 into a diffusers folder;
-    SD1 with fp16 autocast into .ckpt files, saved every epoch."""
+    """Full mode in each output format and precision: SD2 with bf16 autocast into a diffusers
+    folder; SD1 with fp16 autocast into .ckpt files, saved every epoch."""
     from library.models import load_sd_model
 
     if case == "sd2 diffusers":
         model = request.getfixturevalue("tiny_sd2")
-        _train(model, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "2", "--pfg_num_tokens", "2",
-               "--save_model_as", "diffusers")
-        # fp32, not bf16: the demo data has a 32x96 bucket; its 4-wide latent reaches the UNet's last
-        # downsampler (a stride-2 3x3 conv) 1 pixel wide, and on the CPU PyTorch's oneDNN bf16 kernel
-        # reads uninitialised memory for that conv's weight gradient (torch 2.13). Under bf16 autocast
-        # or --full_bf16 every run trained on a different, wrong gradient, and the loss was NaN at
-        # step 2 whenever that memory held NaNs: chance, shaped by what the process allocated before
-        # (hence the seeming dependence on hash seed and test order; the learning rate played no
-        # part). fp32 is right in every run; see cpu_bf16_conv_warning. bf16 runs in
-        # test_pfg_only_mode_on_sd2_keeps_the_unet (UNet frozen: no weight gradients), the LoRA tests
-        # and the SDXL 24 GB test (--full_bf16; two downsamplers, so 32 px buckets are safe there).
+        # bf16 full training with buckets at least 64 px wide: at 32 px the latent reaches the UNet's
+        # last downsampler (a stride-2 3x3 conv) 1 pixel wide, where PyTorch's CPU (oneDNN) bf16
+        # weight gradient reads uninitialised memory (torch 2.13) and the loss turned NaN by chance
+        # (what the process allocated before decided it). train_pfg.py warns of such runs:
+        # test_cpu_bf16_warns_of_buckets_that_meet_the_onednn_conv_gradient_bug.
+        wide = tmp_path / "wide.toml"
+        wide.write_text(prepared_dataset.read_text().replace("min_bucket_reso = 32", "min_bucket_reso = 64"))
+        _train(model, wide, tmp_path / "out", "--train_unet", "full", "--max_train_steps", "2", "--pfg_num_tokens", "2",
+               "--save_model_as", "diffusers", "--mixed_precision", "bf16")
+        tmp_path = tmp_path / "out"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "t-pfg.safetensors", "t-settings.toml"]
         saved = load_sd_model(str(tmp_path / "t"))
         assert saved.variant == "sd2" and saved.v_prediction and saved.cross_attention_dim == 64
-        assert load_pfg(tmp_path / "t-pfg.safetensors")[1]["ss_mixed_precision"] == "no"
+        meta = load_pfg(tmp_path / "t-pfg.safetensors")[1]
+        assert meta["ss_mixed_precision"] == "bf16" and "64x64" in meta["ss_bucket_info"] and "32x96" not in meta["ss_bucket_info"]
         final = [tmp_path / "t"]
     else:
         model = request.getfixturevalue("tiny_sd1")
@@ -420,6 +421,43 @@ def test_cpu_bf16_warns_of_buckets_that_meet_the_onednn_conv_gradient_bug(tiny_s
     assert warning("--train_unet", "full", "--mixed_precision", "bf16", buckets=((64, 64), (96, 32))) is None
     assert warning("--train_unet", "full") is None and warning("--train_unet", "full", "--mixed_precision", "fp16") is None
     assert warning("--train_unet", "full", "--mixed_precision", "bf16", device=torch.device("cuda")) is None
+
+
+def test_samples_and_validation_need_unsharded_weights(prepared_dataset, tmp_path, monkeypatch):
+    """Under FSDP or ZeRO-3 the main process cannot run the model alone (each holds a shard):
+    --sample_prompts / --validation_split are refused before any model loads (the model path here
+    does not exist). ZeRO-2 keeps whole weights everywhere, so they stay allowed. accelerate only
+    shards on GPUs, so its state is stood in for."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from library.cli_config import parse_settings
+    from library.train_settings import TrainSettings
+    from library.train_setup import check_unsharded_for_hooks
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("illustration of * --s 2\n")
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--dataset_config", str(prepared_dataset),
+            "--output_dir", str(tmp_path / "out"), "--sample_prompts", str(prompts), "--sample_every_n_steps", "5",
+            "--validation_split", "0.2"]
+    message = "--sample_prompts and --validation_split run the model on the main process alone, which {} (weights sharded"
+    with monkeypatch.context() as fsdp:
+        fsdp.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+        with pytest.raises(UserError, match=re.escape(message.format("FSDP"))):
+            train_pfg.main(args)
+
+    settings, _ = parse_settings(TrainSettings, args, "")
+    for stage in (3, 2):
+        deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+        if stage == 3:
+            with pytest.raises(UserError, match=re.escape(message.format("DeepSpeed ZeRO-3"))):
+                check_unsharded_for_hooks(deepspeed, settings)
+        else:
+            check_unsharded_for_hooks(deepspeed, settings)
+    with pytest.raises(UserError, match="no-model"):  # DDP: on to loading the (missing) model
+        train_pfg.main(args)
 
 
 def test_one_module_is_prepared_and_saved_under_its_own_names(tiny_sd1, prepared_dataset, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Each launch pays two interpreter starts and imports (about 10 s), so the tests a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +34,14 @@ def _common(model: Path, dataset: Path, out: Path) -> list[str]:
 def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dataset, tmp_path):
     """Two processes split each epoch's batches; 4 steps straight equal 2 steps + resume + 2 steps
     (each process's data share, noise stream and optimizer state come back), with the outputs
-    written once by the main process and the metadata telling the process count."""
+    written once by the main process and the metadata telling the process count. The processes
+    share the latent caching: each encodes its half to disk, then all read every cache."""
+    dataset = test_train._small_dataset(prepared_dataset, tmp_path / "data", 12)
     schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--max_train_steps", "4",
-                "--validation_split", "0.2", "--validation_every_n_steps", "2"]
+                "--validation_split", "0.2", "--validation_every_n_steps", "2", "--cache_latents_to_disk"]
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("illustration of * --w 64 --h 64 --s 2 --d 7\n")
-    straight = _launch(*_common(tiny_sd1, prepared_dataset, tmp_path / "straight"), *schedule,
+    straight = _launch(*_common(tiny_sd1, dataset, tmp_path / "straight"), *schedule,
                        "--save_every_n_steps", "2", "--save_state", "--sample_prompts", str(prompts), "--sample_every_n_steps", "3")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "training 'full' on 2 process(es)" in straight.stdout
@@ -49,13 +52,21 @@ def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dat
     state = tmp_path / "straight" / "t-step00000002-state"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}  # one noise stream each
 
-    resumed = _launch(*_common(tiny_sd1, prepared_dataset, tmp_path / "resumed"), *schedule, "--resume", str(state))
+    trained_images = int(re.search(r"(\d+) images, PFG vectors", straight.stdout).group(1))
+    caches = sorted((tmp_path / "data" / "images").glob("*_sd.npz"))
+    assert len(caches) == trained_images == 10  # 12 images, 2 held out for validation: one cache each
+    stamps = {p: p.stat().st_mtime_ns for p in caches}
+    encoded = re.findall(r"caching latents: 100%\|[^|]*\| (\d+)/\d+", straight.stderr)  # the main process's bar
+    assert encoded == ["5"], encoded  # its half; the other half came from the other process
+
+    resumed = _launch(*_common(tiny_sd1, dataset, tmp_path / "resumed"), *schedule, "--resume", str(state))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step 2" in resumed.stdout
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["t-pfg.safetensors", "t-settings.toml", "t.safetensors"]
     for name in ("t-pfg.safetensors", "t.safetensors"):
         a, b = load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "data" / "images").glob("*_sd.npz")} == stamps  # read, not redone
     meta = load_pfg(tmp_path / "resumed" / "t-pfg.safetensors")[1]
     assert meta["ss_num_processes"] == "2" and meta["ss_batch_size_per_device"] == "2"
 
