@@ -10,8 +10,8 @@ activations, on both sides (SDXL's 24 GB full fine-tune: --full_bf16 --gradient_
 with AdamW8bit or Adafactor). Both time the steady state: the same steps after 3 warm-up steps,
 excluding model loading and saving. Each measurement runs in its own process, whose peak RSS
 (or peak CUDA memory) is reported.
-Without --model, the tiny offline SD1 model (or --tiny sdxl, or SDXL base sizes with random weights,
---tiny sdxl-size --resolution 1024 --precision bf16) and the demo dataset are
+Without --model, the tiny offline SD1 model (or --tiny sdxl, or real sizes with random weights:
+SD 1.5's with --tiny sd15-size --resolution 512, SDXL base's with --tiny sdxl-size --resolution 1024) and the demo dataset are
 built under bench/work/. An SDXL --model (a folder with text_encoder_2) is benchmarked with its
 pooled text embedding and size/crop time ids on both sides.
 """
@@ -185,8 +185,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--modes", nargs="+", default=["none", "full", "lora"])
     parser.add_argument("--model", default="")
-    parser.add_argument("--tiny", default="sd1", choices=["sd1", "sdxl", "sdxl-size"],
-                        help="the random-weight model built when --model is not given (sdxl-size: SDXL base sizes, 7 GB)")
+    parser.add_argument("--tiny", default="sd1", choices=["sd1", "sd15-size", "sdxl", "sdxl-size"],
+                        help="the random-weight model built when --model is not given (sd15-size / sdxl-size: SD 1.5 / SDXL base sizes, 2 / 7 GB)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])

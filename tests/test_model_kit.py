@@ -148,3 +148,17 @@ def test_demo_toml_points_at_the_demo_layout():
     assert subset["image_dir"] == "demo_output/data/train"
     (held_out,) = toml.load(REPO / "configs" / "demo_eval_dataset.toml")["datasets"][0]["subsets"]
     assert held_out["image_dir"] == "demo_output/data/heldout"
+
+
+def test_sd15_size_variant_has_sd15_parameter_counts():
+    """`--variant sd15-size` (for benchmarks and memory measurements) is SD 1.5 to the parameter:
+    built on the meta device, so no memory is spent."""
+    import torch
+
+    from tools.make_tiny_sd import build_pipeline
+
+    with torch.device("meta"):
+        pipe = build_pipeline("sd15-size")
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert pipe.unet.config.cross_attention_dim == 768 and pipe.unet.config.sample_size == 64

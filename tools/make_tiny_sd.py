@@ -43,6 +43,13 @@ class Variant:
     pad_token: str
     prediction_type: str
     scheduler: str  # the scheduler class the real model ships with
+    # Widths: the test kit's by default; "sd15-size" has SD 1.5's real ones.
+    unet_channels: tuple[int, ...] = (32, 32, 64, 64)
+    text_layers: int = 4  # enough that clip skip 2 picks a different layer than the last
+    text_heads: int = 4
+    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    norm_groups: int = 8
+    sample_size: int = 16  # latent size; the pipeline's default image is 8x this = 128 px
 
 
 VARIANTS: dict[str, Variant] = {
@@ -52,12 +59,17 @@ VARIANTS: dict[str, Variant] = {
     # SD2.x (real: 1024 wide, 64-channel heads): a different width, heads growing with the block
     # width (fixed head size 16 here), linear projections, gelu, v-prediction, DDIM, pads with "!".
     "sd2": Variant(64, (2, 2, 4, 4), True, "gelu", "!", "v_prediction", "DDIMScheduler"),
+    # SD 1.5's real sizes (860M-parameter UNet, CLIP ViT-L/14 text encoder), random weights: for
+    # benchmarks and memory measurements (2 GB in fp16).
+    "sd15-size": Variant(768, 8, False, "quick_gelu", "<|endoftext|>", "epsilon", "PNDMScheduler",
+                         unet_channels=(320, 640, 1280, 1280), text_layers=12, text_heads=12,
+                         vae_channels=(128, 256, 512, 512), norm_groups=32, sample_size=64),
 }
 
-UNET_CHANNELS = (32, 32, 64, 64)
-VAE_CHANNELS = (16, 32, 64, 64)
-TEXT_LAYERS = 4  # enough that clip skip 2 picks a different layer than the last
-SAMPLE_SIZE = 16  # latent size; the pipeline's default image is 8x this = 128 px
+VAE_CHANNELS = VARIANTS["sd1"].vae_channels
+TEXT_LAYERS = VARIANTS["sd1"].text_layers
+SAMPLE_SIZE = VARIANTS["sd1"].sample_size
+FP16_SAVED = ("sdxl-size", "sd15-size")  # benchmark sizes: saved in half precision (loaded in fp32 anyway)
 
 
 def build_unet(v: Variant, seed: int):
@@ -65,14 +77,14 @@ def build_unet(v: Variant, seed: int):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=SAMPLE_SIZE,
+        sample_size=v.sample_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=UNET_CHANNELS,
+        block_out_channels=v.unet_channels,
         layers_per_block=2,
-        norm_num_groups=8,
+        norm_num_groups=v.norm_groups,
         cross_attention_dim=v.text_hidden,
         attention_head_dim=v.attention_head_dim,
         use_linear_projection=v.use_linear_projection,
@@ -105,8 +117,8 @@ def build_text_encoder(v: Variant, seed: int, pad_token_id: int):
         hidden_size=v.text_hidden,
         intermediate_size=v.text_hidden * 4,
         projection_dim=v.text_hidden,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=4,
+        num_hidden_layers=v.text_layers,
+        num_attention_heads=v.text_heads,
         max_position_embeddings=77,
         hidden_act=v.hidden_act,
         bos_token_id=49406,
@@ -245,7 +257,7 @@ def build_pipeline(variant: str = "sd1", seed: int = 0):
         write_clip_tokenizer_files(Path(tok_dir), pad_token=v.pad_token)
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     return StableDiffusionPipeline(
-        vae=build_vae(seed),
+        vae=build_vae(seed, v.vae_channels, v.norm_groups, v.sample_size * 8),
         text_encoder=build_text_encoder(v, seed, tokenizer.pad_token_id),
         tokenizer=tokenizer,
         unet=build_unet(v, seed),
@@ -278,8 +290,8 @@ def build_tiny_sd(out_dir: Path, variant: str = "sd1", seed: int = 0) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
         raise UserError(f"{out_dir} exists and is not a tiny model kit folder; choose another --out")
     pipe = build_pipeline(variant, seed)
-    if variant == "sdxl-size":
-        pipe.to(torch.float16)  # 7 GB instead of 14: benchmarks train in bf16 and load in fp32 anyway
+    if variant in FP16_SAVED:
+        pipe.to(torch.float16)  # SDXL: 7 GB instead of 14; training loads the weights in its own precision
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         # Real SD folders ship vocab.json + merges.txt (no tokenizer.json); keep that layout so
@@ -299,7 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--variant", choices=sorted([*VARIANTS, *XL_SIZES]), default="sd1",
-                        help="sdxl-size: SDXL base's real sizes with random weights (7 GB), for benchmarks")
+                        help="sd15-size / sdxl-size: SD 1.5's / SDXL base's real sizes with random weights (2 / 7 GB), for benchmarks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     path = build_tiny_sd(args.out, args.variant, args.seed)
