@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.text_sdxl import make_prompt_encoder
     from library.train_loop import LoopOptions, TrainLoop
     from library.train_setup import (
-        build_adapter, check_output_dir, check_unsharded_for_hooks, cpu_bf16_conv_warning, fill_deepspeed_config,
+        build_adapter, check_output_dir, check_sharding, cpu_bf16_conv_warning, fill_deepspeed_config,
         parameter_groups, prepare_sd_model, prepare_trained,
     )
     from library.trainer import StepOptions
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         log_with=trackers(settings),
         project_dir=settings.logging_dir or None,
     )
-    check_unsharded_for_hooks(accelerator, settings)
+    check_sharding(accelerator, settings)
     set_seed(settings.seed)
 
     # 2. Images, buckets, captions and PFG vectors.

@@ -134,15 +134,24 @@ class TrainedModules(torch.nn.Module):
         return TrainedModules(copy.deepcopy(self.adapter, memo), copy.deepcopy(self.unet, memo) if self.trains_unet else None)
 
 
-def check_unsharded_for_hooks(accelerator, settings: TrainSettings) -> None:
-    """Training samples and validation run the UNet on the main process alone. Under FSDP or
+def check_sharding(accelerator, settings: TrainSettings) -> None:
+    """What sharded training cannot do with these settings, said before models load.
+
+    Training samples and validation run the UNet on the main process alone. Under FSDP or
     DeepSpeed ZeRO-3 each process holds only a shard of the weights, and a forward pass gathers
-    them from every process: alone, the main process would wait forever. Said before models load."""
+    them from every process: alone, the main process would wait forever. And FSDP1 flattens the
+    wrapped module's weights into one tensor that must be all trainable or all frozen, unless
+    use_orig_params: a LoRA beside the frozen UNet needs it."""
     from accelerate.utils import DistributedType
 
     sharded = None
     if accelerator.distributed_type == DistributedType.FSDP:
         sharded = "FSDP"
+        plugin = accelerator.state.fsdp_plugin if settings.train_unet == "lora" else None
+        if plugin is not None and plugin.fsdp_version == 1 and not plugin.use_orig_params:
+            raise UserError("--train_unet lora under FSDP trains LoRA weights beside the frozen UNet in one wrapped module, "
+                            "which FSDP1 allows only with use_orig_params: set fsdp_use_orig_params: true in the "
+                            "accelerate config, or use FSDP2 (fsdp_version: 2)")
     elif accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         sharded = "DeepSpeed ZeRO-3"
     hooks = [flag for flag, on in (("--sample_prompts", settings.sample_prompts), ("--validation_split", settings.validation_split)) if on]

@@ -423,11 +423,11 @@ def test_cpu_bf16_warns_of_buckets_that_meet_the_onednn_conv_gradient_bug(tiny_s
     assert warning("--train_unet", "full", "--mixed_precision", "bf16", device=torch.device("cuda")) is None
 
 
-def test_samples_and_validation_need_unsharded_weights(prepared_dataset, tmp_path, monkeypatch):
+def test_sharded_training_refuses_what_it_cannot_do(prepared_dataset, tmp_path, monkeypatch):
     """Under FSDP or ZeRO-3 the main process cannot run the model alone (each holds a shard):
     --sample_prompts / --validation_split are refused before any model loads (the model path here
-    does not exist). ZeRO-2 keeps whole weights everywhere, so they stay allowed. accelerate only
-    shards on GPUs, so its state is stood in for."""
+    does not exist). ZeRO-2 keeps whole weights everywhere, so they stay allowed. LoRA under FSDP1
+    needs use_orig_params. accelerate only shards on GPUs, so its state is stood in for."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -435,7 +435,7 @@ def test_samples_and_validation_need_unsharded_weights(prepared_dataset, tmp_pat
 
     from library.cli_config import parse_settings
     from library.train_settings import TrainSettings
-    from library.train_setup import check_unsharded_for_hooks
+    from library.train_setup import check_sharding
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("illustration of * --s 2\n")
@@ -453,11 +453,23 @@ def test_samples_and_validation_need_unsharded_weights(prepared_dataset, tmp_pat
         deepspeed = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
         if stage == 3:
             with pytest.raises(UserError, match=re.escape(message.format("DeepSpeed ZeRO-3"))):
-                check_unsharded_for_hooks(deepspeed, settings)
+                check_sharding(deepspeed, settings)
         else:
-            check_unsharded_for_hooks(deepspeed, settings)
+            check_sharding(deepspeed, settings)
     with pytest.raises(UserError, match="no-model"):  # DDP: on to loading the (missing) model
         train_pfg.main(args)
+
+    # FSDP1 flattens the weights into one all-trainable or all-frozen tensor unless use_orig_params:
+    # a LoRA beside the frozen UNet needs it; FSDP2 keeps the parameters as they are
+    lora, _ = parse_settings(TrainSettings, args[:6] + ["--train_unet", "lora"], "")
+    for version, orig, refused in ((1, False, True), (1, True, False), (2, None, False)):
+        fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                               state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version, use_orig_params=orig)))
+        if refused:
+            with pytest.raises(UserError, match="FSDP1 allows only with use_orig_params: set fsdp_use_orig_params: true"):
+                check_sharding(fsdp, lora)
+        else:
+            check_sharding(fsdp, lora)
 
 
 def test_one_module_is_prepared_and_saved_under_its_own_names(tiny_sd1, prepared_dataset, tmp_path, monkeypatch):
