@@ -88,6 +88,10 @@ class TrainLoop:
             raise UserError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {world} processes")
         return batches[self.accelerator.process_index :: world][:per_process]
 
+    def batches_left_out(self) -> int:
+        """Batches of an epoch no process takes (fewer than the process count; others each epoch)."""
+        return len(epoch_batches(self.items, self.batch_sizes, self.options.seed, 0)) % self.accelerator.num_processes
+
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.batches_for_epoch(0)) / self.accelerator.gradient_accumulation_steps)
 

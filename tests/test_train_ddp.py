@@ -45,6 +45,8 @@ def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dat
                        "--save_every_n_steps", "2", "--save_state", "--sample_prompts", str(prompts), "--sample_every_n_steps", "3")
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "training 'full' on 2 process(es)" in straight.stdout
+    # 10 training images in 5 batches of 2: each process takes 2, and the output says where the fifth went
+    assert "each epoch leaves out 1 of its batches (a different draw each epoch), so that the 2 processes take equal shares" in straight.stdout
     # samples and validation run on the main process while the other waits, and leave no trace
     # in the training (the resumed run below has no samples)
     assert sorted(p.name for p in (tmp_path / "straight" / "sample").iterdir()) == ["t_000003_00_7.png"]
