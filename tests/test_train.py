@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import train_pfg
 from library.errors import UserError
 from library.pfg import PFGAdapter, PFGShape, load_pfg, pfg_metadata, save_pfg
+from tests.dataset_copies import small_dataset_copy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -286,7 +287,7 @@ def test_stale_or_foreign_feature_caches_are_never_used_silently(tiny_sd1, prepa
     pins, stop training with the file named; with --tagger_model the trainer recomputes them."""
     from library.features import feature_cache_path, read_cache
 
-    toml = _small_dataset(prepared_dataset, tmp_path, 4)
+    toml = small_dataset_copy(prepared_dataset, tmp_path, 4)
     edited = sorted((tmp_path / "images").glob("*.png"))[0]
     os.utime(edited, (edited.stat().st_atime, edited.stat().st_mtime + 60))
 
@@ -336,24 +337,6 @@ def test_each_named_optimizer_trains(tiny_sd1, prepared_dataset, initial_pfg, tm
     assert not torch.equal(trained.pfg_linear.weight, start.pfg_linear.weight)
 
 
-def _small_dataset(prepared_dataset: Path, folder: Path, count: int) -> Path:
-    """A dataset TOML over copies of the first `count` prepared images (their caches stay valid)."""
-    import shutil
-
-    from library.features import feature_cache_path
-
-    source = Path(prepared_dataset.read_text().split('image_dir = "')[1].split('"')[0])
-    images = folder / "images"
-    images.mkdir(parents=True)
-    for image in sorted(p for p in source.iterdir() if p.suffix in (".png", ".jpg"))[:count]:
-        shutil.copy2(image, images / image.name)  # same size and mtime: its cache stays valid
-        shutil.copy2(feature_cache_path(image, None), feature_cache_path(images / image.name, None))
-    toml = folder / "d.toml"
-    general = prepared_dataset.read_text().split("[[datasets]]")[0]
-    toml.write_text(general + f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images.as_posix()}"\n')
-    return toml
-
-
 @pytest.mark.parametrize("case", ["sd2 diffusers", "sd1 fp16 ckpt per epoch"])
 def test_full_mode_outputs(request, prepared_dataset, tmp_path, case):
     """Full mode in each output format and precision: SD2 with bf16 autocast into a diffusers
@@ -380,7 +363,7 @@ def test_full_mode_outputs(request, prepared_dataset, tmp_path, case):
         final = [tmp_path / "t"]
     else:
         model = request.getfixturevalue("tiny_sd1")
-        data = _small_dataset(prepared_dataset, tmp_path / "data", 4)
+        data = small_dataset_copy(prepared_dataset, tmp_path / "data", 4)
         _train(model, data, tmp_path / "out", "--train_unet", "full", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
                "--pfg_num_tokens", "2", "--mixed_precision", "fp16", "--save_model_as", "ckpt")
         names = sorted(p.name for p in (tmp_path / "out").iterdir())

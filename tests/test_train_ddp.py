@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from library.pfg import load_pfg
-from tests import test_train
+from tests.dataset_copies import small_dataset_copy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dat
     (each process's data share, noise stream and optimizer state come back), with the outputs
     written once by the main process and the metadata telling the process count. The processes
     share the latent caching: each encodes its half to disk, then all read every cache."""
-    dataset = test_train._small_dataset(prepared_dataset, tmp_path / "data", 12)
+    dataset = small_dataset_copy(prepared_dataset, tmp_path / "data", 12)
     schedule = ["--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--max_train_steps", "4",
                 "--validation_split", "0.2", "--validation_every_n_steps", "2", "--cache_latents_to_disk"]
     prompts = tmp_path / "prompts.txt"
@@ -76,7 +76,7 @@ def test_two_processes_train_resume_exactly_and_save_once(tiny_sd1, prepared_dat
 def test_a_failure_in_one_share_stops_every_process(tiny_sd1, prepared_dataset, tiny_tagger, tmp_path):
     """--tagger_model encodes missing vectors, each process its share of the images. An image that
     cannot be decoded falls to process 1; process 0 must stop too, not wait for it forever."""
-    dataset = test_train._small_dataset(prepared_dataset, tmp_path / "data", 3)
+    dataset = small_dataset_copy(prepared_dataset, tmp_path / "data", 3)
     good = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
     (good.parent / "zz_truncated.png").write_bytes(good.read_bytes()[:200])  # sorted 4th: process 1's share
     result = _launch(*_common(tiny_sd1, dataset, tmp_path / "out"), "--max_train_steps", "2", "--tagger_model", str(tiny_tagger))

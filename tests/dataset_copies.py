@@ -1,0 +1,21 @@
+"""Small training sets copied from the shared prepared dataset (whose files no test may change)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from library.features import feature_cache_path
+
+
+def small_dataset_copy(prepared_dataset: Path, folder: Path, count: int) -> Path:
+    """A dataset TOML over copies of the first `count` prepared images (their caches stay valid)."""
+    source = Path(prepared_dataset.read_text().split('image_dir = "')[1].split('"')[0])
+    images = folder / "images"
+    images.mkdir(parents=True)
+    for image in sorted(p for p in source.iterdir() if p.suffix in (".png", ".jpg"))[:count]:
+        shutil.copy2(image, images / image.name)  # same size and mtime: its cache stays valid
+        shutil.copy2(feature_cache_path(image, None), feature_cache_path(images / image.name, None))
+    toml = folder / "d.toml"
+    general = prepared_dataset.read_text().split("[[datasets]]")[0]
+    toml.write_text(general + f'[[datasets]]\n[[datasets.subsets]]\nimage_dir = "{images.as_posix()}"\n')
+    return toml
