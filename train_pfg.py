@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from library.buckets import format_bucket_table
     from library.dataset import PFGDataset, bucket_counts, collect_items, load_features
-    from library.latents import cache_latents
     from library.metadata import training_metadata
     from library.models import load_sd_model
     from library.optim import build_optimizer
@@ -77,18 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         from library.checkpoints import load_vae
 
         model.vae = load_vae(settings.vae)
-    latents = None
-    if settings.cache_latents or settings.cache_latents_to_disk:
-        # Before the VAE is cast to the training precision: caches are made (and validated) with
-        # the VAE's own fp32 weights, so prepare_features.py's caches match whatever precision.
-        jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
-        vae = model.vae.to(accelerator.device)
-        if settings.cache_latents_to_disk and accelerator.num_processes > 1:
-            # Each process encodes its share into the disk cache; then all read every cache.
-            share = jobs[accelerator.process_index :: accelerator.num_processes]
-            cache_latents(share, vae, to_disk=True, progress=accelerator.is_local_main_process)
-            accelerator.wait_for_everyone()
-        latents = cache_latents(jobs, vae, to_disk=settings.cache_latents_to_disk, progress=accelerator.is_local_main_process)
+    # Before the VAE is cast to the training precision: caches are made (and validated) with the
+    # VAE's own fp32 weights, so prepare_features.py's caches match whatever precision.
+    latents = cached_latents(items, model.vae, settings, accelerator)
     prepare_sd_model(model, settings, accelerator.device)
     warning = cpu_bf16_conv_warning(settings, model, bucket_counts(items), accelerator.device)
     if warning:
@@ -165,6 +155,23 @@ def ensure_features(items, settings, accelerator) -> None:
     if failed:
         where = "" if accelerator.num_processes == 1 else f" by process {', '.join(map(str, failed))}"
         raise UserError(f"some images could not be encoded (listed above{where}); fix or remove them, then train again")
+
+
+def cached_latents(items, vae, settings, accelerator) -> dict | None:
+    """With --cache_latents(_to_disk), every item's latents (valid disk caches read, the rest
+    encoded); None when latents are encoded batch by batch during training."""
+    if not (settings.cache_latents or settings.cache_latents_to_disk):
+        return None
+    from library.latents import cache_latents
+
+    jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
+    vae = vae.to(accelerator.device)
+    progress = accelerator.is_local_main_process
+    if settings.cache_latents_to_disk and accelerator.num_processes > 1:
+        # Each process encodes its share into the disk cache; then all read every cache.
+        cache_latents(jobs[accelerator.process_index :: accelerator.num_processes], vae, to_disk=True, progress=progress)
+        accelerator.wait_for_everyone()
+    return cache_latents(jobs, vae, to_disk=settings.cache_latents_to_disk, progress=progress)
 
 
 def split_validation(items, features, settings):
