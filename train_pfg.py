@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         (output_dir / f"{settings.output_name}-settings.toml").write_text(settings_to_toml(settings))
     accelerator.print(f"training {settings.train_unet!r} on {accelerator.num_processes} process(es): {total_steps} steps, {len(items)} images, "
                       f"{summary['ss_num_epochs']} epochs")
-    if loop.batches_left_out():
-        accelerator.print(f"each epoch leaves out {loop.batches_left_out()} of its batches (a different draw each epoch), "
+    left_out = loop.batches_left_out()
+    if left_out:
+        accelerator.print(f"each epoch leaves out {left_out} of its batches (a different draw each epoch), "
                           f"so that the {accelerator.num_processes} processes take equal shares")
 
     # 5. Train and save.
