@@ -4,7 +4,7 @@
         --tagger_model TAGGER --dataset_config HELDOUT.toml --output_json eval.json \
         [--contact_sheet sheet.png] [--second_encoder CLIP_FOLDER] [--no-generate]
 
-Three numbers (library/evaluation.py computes them; the trainer's validation uses the same code):
+Three numbers (library/evaluation/metrics.py computes them; the trainer's validation uses the same code):
   conditioning gain     denoising loss with other images' vectors minus with the image's own,
                         fixed seeded noise at --num_timesteps timesteps; bootstrap 95% interval
   denoising retrieval   how often the own vector gives the lowest loss among --candidates K
@@ -28,8 +28,8 @@ from library.errors import UserError, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli_config import parse_settings
-    from library.dataset_config import dataset_config_from_settings
-    from library.eval_settings import EvalSettings
+    from library.data.dataset_config import dataset_config_from_settings
+    from library.evaluation.settings import EvalSettings
 
     # 1. Settings and the held-out images: mistakes surface before any model loads.
     settings, _ = parse_settings(EvalSettings, argv, __doc__)
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from library.evaluation import evaluate_denoising, load_eval_samples
-    from library.pfg import check_compatible
-    from library.text_sdxl import make_prompt_encoder
-    from library.trainer import StepOptions
-    from library.trainer_sdxl import make_trainer
+    from library.evaluation.metrics import evaluate_denoising, load_eval_samples
+    from library.models.pfg import check_compatible
+    from library.models.text_sdxl import make_prompt_encoder
+    from library.train.trainer import StepOptions
+    from library.train.trainer_sdxl import make_trainer
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     model, adapter = load_model_and_head(settings, device, dtype)
     encoder = second = None
     if settings.tagger_model:
-        from library.encoders import load_encoder
+        from library.models.encoders import load_encoder
 
         encoder = load_encoder(settings.tagger_model, device=device.type, feature_tensor=settings.feature_tensor or None)
     if settings.second_encoder:
-        from library.encoders import load_encoder
+        from library.models.encoders import load_encoder
 
         second = load_encoder(settings.second_encoder, device=device.type)
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def held_out_items(dataset_config, settings) -> list:
-    from library.dataset import collect_items
+    from library.data.dataset import collect_items
 
     items, failures = collect_items(dataset_config, settings.pfg_prompt)
     for failure in failures:
@@ -104,8 +104,8 @@ def held_out_items(dataset_config, settings) -> list:
 
 def load_model_and_head(settings, device, dtype):
     """The SD model (+VAE override, +LoRA) and the PFG head, as gen_pfg.py loads them."""
-    from library.models import load_for_inference
-    from library.pfg import load_pfg
+    from library.models.loading import load_for_inference
+    from library.models.pfg import load_pfg
 
     model = load_for_inference(
         settings.pretrained_model_name_or_path, v_prediction=settings.v_parameterization, vae=settings.vae,
@@ -122,9 +122,9 @@ def item_features(items: list, encoder):
     import numpy as np
     import torch
 
-    from library.dataset import load_features
-    from library.features import load_valid_feature
-    from library.images import ImageLoadError, load_image
+    from library.data.dataset import load_features
+    from library.data.features import load_valid_feature
+    from library.data.images import ImageLoadError, load_image
 
     if encoder is None:
         return load_features(items)
@@ -145,9 +145,9 @@ def generation_metrics(settings, model, adapter, encoder, second, prompt_encoder
     and compare each with every guide."""
     import torch
 
-    from library.evaluation import generation_retrieval
-    from library.images import load_image
-    from library.sampling import Guide, PFGSampler, SampleRequest
+    from library.evaluation.metrics import generation_retrieval
+    from library.data.images import load_image
+    from library.sample.sampler import Guide, PFGSampler, SampleRequest
 
     sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
     per_guide = settings.images_per_guide
@@ -202,13 +202,13 @@ def format_table(result: dict) -> str:
 
 def write_outputs(settings, result: dict, items: list, generated: list) -> None:
     if settings.output_json:
-        from library.saving import write_json
+        from library.train.saving import write_json
 
         write_json(Path(settings.output_json), result)
         print(f"wrote {settings.output_json}")
     if settings.contact_sheet:
-        from library.image_outputs import contact_sheet, save_png
-        from library.images import load_image
+        from library.sample.image_outputs import contact_sheet, save_png
+        from library.data.images import load_image
 
         rows = [(load_image(item.image_path), images) for item, images in zip(items, generated)]
         labels = [item.image_path.stem for item in items]

@@ -16,7 +16,7 @@ from library.errors import UserError, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli_config import parse_settings
-    from library.gen_settings import GenSettings
+    from library.sample.settings import GenSettings
 
     settings, _ = parse_settings(GenSettings, argv, __doc__)
     settings.validate()
@@ -24,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from library.image_outputs import contact_sheet, next_index, save_png
-    from library.models import load_for_inference
-    from library.pfg import check_compatible, load_pfg
-    from library.sampling import PFGSampler, a1111_parameters
-    from library.text_sdxl import make_prompt_encoder
+    from library.sample.image_outputs import contact_sheet, next_index, save_png
+    from library.models.loading import load_for_inference
+    from library.models.pfg import check_compatible, load_pfg
+    from library.sample.sampler import PFGSampler, a1111_parameters
+    from library.models.text_sdxl import make_prompt_encoder
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter, pfg_info = load_pfg(settings.pfg_weights, model.cross_attention_dim)
         adapter.to(device, dtype=dtype).eval()
         if settings.tagger_model:
-            from library.encoders import load_encoder
+            from library.models.encoders import load_encoder
 
             encoder = load_encoder(settings.tagger_model, device=device.type, feature_tensor=settings.feature_tensor or None)
         check_compatible(adapter, settings.pfg_weights, encoder.dim if encoder else None, model.cross_attention_dim)
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 def build_requests(settings) -> list:
     """The command-line request, or one per prompt-file line; every file they name is checked
     here, so a typo on line 30 fails before the first image, not after the 29th."""
-    from library.prompt_file import read_prompt_file
-    from library.sampling import Guide, SampleRequest, canonical_sampler, make_scheduler
+    from library.sample.prompt_file import read_prompt_file
+    from library.sample.sampler import Guide, SampleRequest, canonical_sampler, make_scheduler
 
     seed = settings.seed if settings.seed >= 0 else random.randint(0, 2**31 - 1)
     defaults = SampleRequest(
@@ -131,7 +131,7 @@ def _shift_seed(request, offset: int):
 
 
 def _guide_thumbnail(request):
-    from library.images import load_image
+    from library.data.images import load_image
 
     images = [g.path for g in request.guides if not g.path.endswith(".npz")]
     return load_image(images[0]) if images else None

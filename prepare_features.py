@@ -1,5 +1,5 @@
 """Prepare PFG features: run the image encoder (a WD tagger by default) over the training images
-and write one `<stem>_pfg.npz` per image (see library/features.py for the keys).
+and write one `<stem>_pfg.npz` per image (see library/data/features.py for the keys).
 
     python prepare_features.py --train_data_dir IMAGES --tagger_model TAGGER
     python prepare_features.py --dataset_config DATASET.toml --tagger_model TAGGER [--batch_size 32] [--device cuda]
@@ -30,12 +30,12 @@ from typing import Iterable, NamedTuple, TypeVar
 import numpy as np
 from tqdm import tqdm
 
-from library.dataset_config import DatasetConfig, DatasetDefaults, SubsetConfig, config_from_train_data_dir, load_dataset_config, parse_resolution
-from library.encoders import ENCODER_KINDS, ImageEncoder, OnnxTagger, detect_encoder_kind, load_encoder
+from library.data.dataset_config import DatasetConfig, DatasetDefaults, SubsetConfig, config_from_train_data_dir, load_dataset_config, parse_resolution
+from library.models.encoders import ENCODER_KINDS, ImageEncoder, OnnxTagger, detect_encoder_kind, load_encoder
 from library.errors import UserError, run_cli
-from library.features import feature_cache_path, load_valid_feature, save_feature
-from library.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, prefetch
-from library.tags import CaptionWriter, load_tag_list
+from library.data.features import feature_cache_path, load_valid_feature, save_feature
+from library.data.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, prefetch
+from library.data.tags import CaptionWriter, load_tag_list
 
 T = TypeVar("T")
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -286,11 +286,11 @@ def extract_features(
 
 def cache_latent_files(args: argparse.Namespace, config: DatasetConfig, skip: set[Path]) -> tuple[int, int]:
     """Write the trainer's latent caches: the same items, buckets and flip settings as train_pfg.py
-    builds, through the same library.latents.cache_latents. Returns (cached, failed)."""
+    builds, through the same library.data.latents.cache_latents. Returns (cached, failed)."""
     import torch
 
-    from library.dataset import collect_items
-    from library.latents import cache_latents
+    from library.data.dataset import collect_items
+    from library.data.latents import cache_latents
 
     items, failures = collect_items(config, pfg_prompt="")
     failed = 0
@@ -323,7 +323,7 @@ def cache_latent_files(args: argparse.Namespace, config: DatasetConfig, skip: se
 def load_vae(spec: str, device: str):
     """Only the VAE of a diffusers folder (fast); the whole model otherwise. In fp32, as the
     trainer caches latents, since the VAE id (a weight hash) must match the trainer's."""
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "vae" / "config.json").is_file():

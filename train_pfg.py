@@ -19,8 +19,8 @@ from library.errors import UserError, run_cli
 
 def main(argv: list[str] | None = None) -> int:
     from library.cli_config import parse_settings, settings_to_toml
-    from library.dataset_config import dataset_config_from_settings
-    from library.train_settings import TrainSettings
+    from library.data.dataset_config import dataset_config_from_settings
+    from library.train.settings import TrainSettings
 
     # 1. Settings and dataset config: every mistake surfaces here, before any model loads.
     settings, _ = parse_settings(TrainSettings, argv, __doc__)
@@ -32,20 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from library.buckets import format_bucket_table
-    from library.dataset import PFGDataset, bucket_counts, collect_items, load_features
+    from library.data.buckets import format_bucket_table
+    from library.data.dataset import PFGDataset, bucket_counts, collect_items, load_features
     from library.metadata import training_metadata
-    from library.models import load_sd_model
-    from library.optim import build_optimizer
-    from library.saving import OutputWriter
-    from library.text_sdxl import make_prompt_encoder
-    from library.train_loop import LoopOptions, TrainLoop
-    from library.train_setup import (
+    from library.models.loading import load_sd_model
+    from library.train.optim import build_optimizer
+    from library.train.saving import OutputWriter
+    from library.models.text_sdxl import make_prompt_encoder
+    from library.train.loop import LoopOptions, TrainLoop
+    from library.train.setup import (
         build_adapter, check_output_dir, check_sharding, cpu_bf16_conv_warning, fill_deepspeed_config,
         parameter_groups, prepare_sd_model, prepare_trained,
     )
-    from library.trainer import StepOptions
-    from library.trainer_sdxl import make_trainer
+    from library.train.trainer import StepOptions
+    from library.train.trainer_sdxl import make_trainer
 
     output_dir = check_output_dir(settings)
     accelerator = Accelerator(
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Models.
     model = load_sd_model(settings.pretrained_model_name_or_path, settings.v_parameterization)
     if settings.vae:
-        from library.checkpoints import load_vae
+        from library.models.checkpoints import load_vae
 
         model.vae = load_vae(settings.vae)
     # Before the VAE is cast to the training precision: caches are made (and validated) with the
@@ -163,7 +163,7 @@ def cached_latents(items, vae, settings, accelerator) -> dict | None:
     encoded); None when latents are encoded batch by batch during training."""
     if not (settings.cache_latents or settings.cache_latents_to_disk):
         return None
-    from library.latents import cache_latents
+    from library.data.latents import cache_latents
 
     jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
     vae = vae.to(accelerator.device)
@@ -177,7 +177,7 @@ def cached_latents(items, vae, settings, accelerator) -> dict | None:
 
 def split_validation(items, features, settings):
     """((training items, vectors), (held-out items, vectors)) for --validation_split."""
-    from library.train_validation import split_validation as split
+    from library.train.validation import split_validation as split
 
     train, held = split(list(range(len(items))), settings.validation_split, settings.seed)
     return ([items[i] for i in train], features[train]), ([items[i] for i in held], features[held])
@@ -186,7 +186,7 @@ def split_validation(items, features, settings):
 def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_out_features, output_dir) -> list:
     """Training samples and validation, each over the weights as they are at that moment
     (unwrapped from DDP, so the main process can run them alone)."""
-    from library.trainer_sdxl import make_trainer
+    from library.train.trainer_sdxl import make_trainer
 
     model = trainer.model
 
@@ -195,9 +195,9 @@ def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_
 
     hooks = []
     if sample_requests:
-        from library.encoders import load_encoder
-        from library.sampling import PFGSampler
-        from library.train_samples import TrainingSamples
+        from library.models.encoders import load_encoder
+        from library.sample.sampler import PFGSampler
+        from library.train.samples import TrainingSamples
 
         encoder = load_encoder(settings.tagger_model, device=accelerator.device.type) if settings.tagger_model else None
         hooks.append(TrainingSamples(
@@ -206,8 +206,8 @@ def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_
                                             trainer.prompt_encoder, settings.uncond, accelerator.device),
         ))
     if held_out:
-        from library.evaluation import load_eval_samples
-        from library.train_validation import TrainingValidation
+        from library.evaluation.metrics import load_eval_samples
+        from library.train.validation import TrainingValidation
 
         samples = load_eval_samples(held_out, held_out_features, model.vae)
         hooks.append(TrainingValidation(
@@ -222,7 +222,7 @@ def read_samples(settings, dataset_config) -> list:
     """The --sample_prompts requests, checked before any model loads."""
     if not settings.sample_prompts:
         return []
-    from library.train_samples import read_sample_requests
+    from library.train.samples import read_sample_requests
 
     requests = read_sample_requests(settings.sample_prompts, dataset_config.datasets[0].resolution, settings.sample_sampler)
     needs_encoder = any(not g.path.endswith(".npz") for r in requests for g in r.guides)
@@ -245,7 +245,7 @@ def trackers(settings) -> list[str] | None:
 
 def run_summary(settings, items, dataset_config, total_steps: int, model, loop, num_processes: int) -> dict:
     """The `ss_*` metadata written into every output."""
-    from library.dataset import bucket_counts
+    from library.data.dataset import bucket_counts
 
     return {
         "ss_output_name": settings.output_name,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 
 def tiny_model():
-    from library.models import SDModel
+    from library.models.loading import SDModel
     from tools.make_tiny_sd import build_pipeline
 
     pipe = build_pipeline("sd1", seed=0)
@@ -42,10 +42,10 @@ def sd15_model(device: str):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from library.clip_vocab import write_clip_tokenizer_files
-    from library.models import SDModel
+    from library.models.clip_vocab import write_clip_tokenizer_files
+    from library.models.loading import SDModel
 
-    configs = REPO / "library" / "model_configs" / "sd1"
+    configs = REPO / "library" / "models" / "configs" / "sd1"
     with tempfile.TemporaryDirectory() as tok_dir:
         write_clip_tokenizer_files(Path(tok_dir))
         tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
@@ -62,7 +62,7 @@ def load_model(args):
     if args.sd15:
         return sd15_model(args.device)
     if args.model:
-        from library.models import load_sd_model
+        from library.models.loading import load_sd_model
 
         return load_sd_model(args.model)
     return tiny_model()
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from library.models import move, set_attention_backend
-    from library.pfg import PFGAdapter, PFGShape
-    from library.sampling import Guide, PFGSampler, SampleRequest, make_scheduler
+    from library.models.loading import move, set_attention_backend
+    from library.models.pfg import PFGAdapter, PFGShape
+    from library.sample.sampler import Guide, PFGSampler, SampleRequest, make_scheduler
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")

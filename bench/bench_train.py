@@ -62,7 +62,7 @@ def run_ours(model: Path, toml: Path, args) -> dict:
     """train_pfg.py's own main(); the steady-state loop time is read from the moments its
     training step starts (one per optimizer step), after the same 3 warm-up steps."""
     import train_pfg
-    from library.trainer import PFGTrainer
+    from library.train.trainer import PFGTrainer
 
     starts: list[float] = []
     original = PFGTrainer.loss
@@ -94,10 +94,10 @@ def run_bare(model: Path, toml: Path, args) -> dict:
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from library.dataset import collect_items, load_features
-    from library.dataset_config import load_dataset_config
-    from library.latents import bucket_pixels
-    from library.optim import build_optimizer
+    from library.data.dataset import collect_items, load_features
+    from library.data.dataset_config import load_dataset_config
+    from library.data.latents import bucket_pixels
+    from library.train.optim import build_optimizer
 
     mode, steps, precision = args.mode, args.steps, args.precision
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from library.features import feature_cache_path
+from library.data.features import feature_cache_path
 
 
 def small_dataset_copy(prepared_dataset: Path, folder: Path, count: int) -> Path:

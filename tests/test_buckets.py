@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from library.buckets import (
+from library.data.buckets import (
     BucketManager,
     assign_bucket,
     format_bucket_table,

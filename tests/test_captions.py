@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from library.captions import caption_path, process_caption, resolve_caption
+from library.data.captions import caption_path, process_caption, resolve_caption
 from library.errors import UserError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.checkpoints import (
+from library.models.checkpoints import (
     bundled_config,
     detect_architecture,
     load_single_file,
@@ -20,7 +20,7 @@ from library.checkpoints import (
     save_single_file,
 )
 from library.errors import UserError
-from library.ldm_keys import UNET_PREFIX, VAE_PREFIX, text_encoder_to_ldm, unet_key_map, vae_key_map
+from library.models.ldm_keys import UNET_PREFIX, VAE_PREFIX, text_encoder_to_ldm, unet_key_map, vae_key_map
 from tests.assertions import assert_same_output, assert_same_weights
 
 VARIANTS = ["sd1", "sd2"]

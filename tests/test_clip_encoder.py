@@ -10,11 +10,11 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 import prepare_features
-from library.clip_encoder import ClipVisionEncoder
-from library.encoders import detect_encoder_kind, load_encoder
+from library.models.clip_encoder import ClipVisionEncoder
+from library.models.encoders import detect_encoder_kind, load_encoder
 from library.errors import UserError
-from library.features import feature_cache_path, read_encoder_id, read_feature
-from library.images import load_image
+from library.data.features import feature_cache_path, read_encoder_id, read_feature
+from library.data.images import load_image
 from tools.make_tiny_clip_vision import build_tiny_clip_vision
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from library.dataset_config import (
+from library.data.dataset_config import (
     DatasetDefaults,
     UnsupportedKeyWarning,
     config_from_train_data_dir,
@@ -290,7 +290,7 @@ def test_train_data_dir_kohya_folder_convention(tmp_path):
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "library.dataset_config", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "library.data.dataset_config", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

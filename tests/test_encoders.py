@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from library.encoders import ImageEncoder, find_pooled_tensor, load_encoder, wd_preprocess
+from library.models.encoders import ImageEncoder, find_pooled_tensor, load_encoder, wd_preprocess
 from library.errors import UserError
-from library.images import ImageLoadError, list_images, load_image
+from library.data.images import ImageLoadError, list_images, load_image
 
 
 # --- a straightforward reference: SmilingWolf's steps, with the padding done in numpy as kohya does

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from library.evaluation import (
+from library.evaluation.metrics import (
     candidate_sets, conditioning_gain, cosine_matrix, denoising_retrieval, eval_timesteps, generation_retrieval,
 )
 
@@ -161,7 +161,7 @@ def test_random_untrained_pfg_head_shows_no_conditioning(short_demo, tmp_path):
     A random linear map of the vectors can pass the UNet a trace of identity, so its gain need not
     be exactly zero (one such head measured +0.00002, interval above zero): it must be negligible
     next to the trained head's, and retrieval must stay at chance."""
-    from library.pfg import PFGAdapter, PFGShape, save_pfg
+    from library.models.pfg import PFGAdapter, PFGShape, save_pfg
 
     torch.manual_seed(123)
     random_head = PFGAdapter(PFGShape(10, 768, 32))

@@ -11,9 +11,9 @@ from PIL import Image
 
 import gen_pfg
 from library.errors import UserError, run_cli
-from library.image_outputs import read_parameters
-from library.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
-from library.sampling import (
+from library.sample.image_outputs import read_parameters
+from library.models.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
+from library.sample.sampler import (
     A1111_SAMPLER_NAMES, SAMPLERS, Guide, PFGSampler, SampleRequest, a1111_parameters, make_scheduler,
     parse_a1111_parameters,
 )
@@ -42,8 +42,8 @@ def _guide_image(path: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def kit(tmp_path_factory, tiny_sd1, tiny_sd2, tiny_tagger) -> dict[str, Path]:
     """Shared files: PFG heads in every format for both tiny models, guide images, a vector file."""
-    from library.encoders import load_encoder
-    from library.features import save_feature
+    from library.models.encoders import load_encoder
+    from library.data.features import save_feature
 
     root = tmp_path_factory.mktemp("gen")
     encoder = load_encoder(str(tiny_tagger))
@@ -175,9 +175,9 @@ def test_features_file_without_a_tagger_equals_the_guide_image(kit, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd1_sampler(kit):
-    from library.encoders import load_encoder
-    from library.models import load_sd_model
-    from library.pfg import load_pfg
+    from library.models.encoders import load_encoder
+    from library.models.loading import load_sd_model
+    from library.models.pfg import load_pfg
 
     model = load_sd_model(str(kit["sd1"]))
     adapter, _ = load_pfg(kit["pfg1"])
@@ -212,7 +212,7 @@ def test_uncond_padding_and_negative_tokens(kit, sd1_sampler):
 
 @pytest.mark.parametrize("variant", ["pt_full", "pt_bare"])
 def test_original_pt_files_load_with_the_token_count_inferred(kit, tmp_path, variant):
-    from library.pfg import load_pfg
+    from library.models.pfg import load_pfg
 
     adapter, metadata = load_pfg(kit[variant], cross_attention_dim=32)
     assert adapter.shape == PFGShape(N_TOKENS, 768, 32) and metadata == {}
@@ -492,7 +492,7 @@ def test_hub_id_downloads_only_the_pipeline_files_and_the_cache_serves_it_offlin
 
 
 def test_pipeline_file_selection_picks_one_weights_variant_per_component():
-    from library.models import select_pipeline_files
+    from library.models.loading import select_pipeline_files
 
     index = {"_class_name": "StableDiffusionXLPipeline", **{p: ["x", "y"] for p in
              ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}}
@@ -530,7 +530,7 @@ def test_half_precision_dtypes_generate_on_cpu(kit, tmp_path, dtype):
 def test_an_overflowed_image_is_reported_not_silently_black(kit, capsys):
     """Half precision can overflow to NaN (SD2.x attention or SDXL's VAE in fp16): the image would
     come out black; the sampler says which seed and what to do."""
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     model = load_sd_model(str(kit["sd1"]))
     torch.nn.init.constant_(model.unet.conv_out.bias, float("nan"))

@@ -12,15 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train_pfg
-from library import lora as lora_module
+from library.models import lora as lora_module
 from library.cli_config import parse_settings
 from library.errors import UserError
-from library.ldm_keys import unet_key_map
-from library.lora import LoraShape, add_unet_lora, lora_state_dict
+from library.models.ldm_keys import unet_key_map
+from library.models.lora import LoraShape, add_unet_lora, lora_state_dict
 from library.metadata import safetensors_hashes
-from library.models import SDModel, apply_lora_files, load_sd_model
-from library.train_settings import TrainSettings
-from library.train_setup import parameter_groups, prepare_sd_model
+from library.models.loading import SDModel, apply_lora_files, load_sd_model
+from library.train.settings import TrainSettings
+from library.train.setup import parameter_groups, prepare_sd_model
 
 KEY = re.compile(r"^lora_unet_([a-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 # What kohya's LoRA puts on each Transformer2DModel of SD1/SD2 (12 layers each; 192 on SD1.5).
@@ -186,7 +186,7 @@ def test_lora_setup_freezes_the_unet_and_trains_fp32_lora(tiny_sd1):
     settings.validate()
     model = load_sd_model(str(tiny_sd1))
     prepare_sd_model(model, settings, torch.device("cpu"))
-    from library.pfg import PFGAdapter, PFGShape
+    from library.models.pfg import PFGAdapter, PFGShape
 
     groups = parameter_groups(settings, PFGAdapter(PFGShape(2, 8, 32, 0)), model.unet)
     trained = {id(p) for p in groups[1]["params"]}

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from library.errors import UserError
-from library.pfg import (
+from library.models.pfg import (
     PFGAdapter,
     PFGShape,
     append_tokens,

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 import prepare_features
-from library.encoders import find_pooled_tensor, load_encoder
+from library.models.encoders import find_pooled_tensor, load_encoder
 from library.errors import UserError
-from library.features import feature_cache_path, load_valid_feature, read_cache, read_feature, save_feature
-from library.images import load_image
+from library.data.features import feature_cache_path, load_valid_feature, read_cache, read_feature, save_feature
+from library.data.images import load_image
 from tools.make_tiny_tagger import build_tiny_tagger
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,11 +192,11 @@ def test_cache_latents_are_the_trainers_caches(tiny_tagger, tiny_sd1, tmp_path, 
     """prepare_features --cache_latents writes exactly what train_pfg.py --cache_latents_to_disk looks
     for: the trainer's own job list (built as train_pfg.py builds it) is served from disk, and a changed
     image, VAE or bucket is recomputed."""
-    import library.latents as latents
-    from library.dataset import collect_items
-    from library.dataset_config import DatasetDefaults, load_dataset_config
-    from library.models import load_sd_model
-    from library.train_settings import TrainSettings
+    import library.data.latents as latents
+    from library.data.dataset import collect_items
+    from library.data.dataset_config import DatasetDefaults, load_dataset_config
+    from library.models.loading import load_sd_model
+    from library.train.settings import TrainSettings
 
     images = []
     for i, (w, h) in enumerate([(128, 40), (40, 128), (80, 80)]):

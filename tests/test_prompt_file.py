@@ -1,11 +1,11 @@
-"""library/prompt_file.py: kohya's prompt-line syntax with the PFG options (no models needed)."""
+"""library/sample/prompt_file.py: kohya's prompt-line syntax with the PFG options (no models needed)."""
 from __future__ import annotations
 
 import pytest
 
 from library.errors import UserError
-from library.prompt_file import parse_prompt_line, read_prompt_file
-from library.sampling import Guide, SampleRequest
+from library.sample.prompt_file import parse_prompt_line, read_prompt_file
+from library.sample.sampler import Guide, SampleRequest
 
 DEFAULTS = SampleRequest(prompt="default", width=512, height=512, steps=28, scale=7.0, seed=5, sampler="euler_a")
 

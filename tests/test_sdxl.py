@@ -43,7 +43,7 @@ def _unet_out(unet, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def sdxl_model(tiny_sdxl):
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     return load_sd_model(str(tiny_sdxl))
 
@@ -53,8 +53,8 @@ def test_single_file_round_trip(tiny_sdxl, sdxl_model, tmp_path):
     import diffusers
     from safetensors.torch import load_file, save_file
 
-    from library.models import load_sd_model
-    from library.sdxl_checkpoint import save_sdxl_single_file
+    from library.models.loading import load_sd_model
+    from library.models.sdxl_checkpoint import save_sdxl_single_file
 
     m = sdxl_model
     assert m.variant == "sdxl" and m.cross_attention_dim == 96 and m.tokenizer_2.pad_token == "!"
@@ -93,7 +93,7 @@ def test_text_states_and_pooled_match_diffusers(tiny_sdxl, sdxl_model):
     """Penultimate layers of both encoders, concatenated; bigG's pooled vector; 75-token chunks."""
     from diffusers import StableDiffusionXLPipeline
 
-    from library.text_sdxl import SDXLPromptEncoder, make_prompt_encoder
+    from library.models.text_sdxl import SDXLPromptEncoder, make_prompt_encoder
 
     encoder = make_prompt_encoder(sdxl_model)
     assert isinstance(encoder, SDXLPromptEncoder) and encoder.width == 96 and encoder.pooled_width == 64
@@ -147,8 +147,8 @@ def trained_lora(tiny_sdxl, prepared_dataset, tmp_path_factory):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_full_mode_saves_an_sdxl_single_file(tiny_sdxl, tiny_tagger, sdxl_model, prepared_dataset, tmp_path, fresh_accelerate_state):
     """Full fine-tune, with training samples (a guide image) and validation on the way."""
-    from library.models import load_sd_model
-    from library.pfg import load_pfg
+    from library.models.loading import load_sd_model
+    from library.models.pfg import load_pfg
 
     guide = next((prepared_dataset.parent / "demo-data" / "images").glob("*.png"))
     prompts = tmp_path / "prompts.txt"
@@ -168,7 +168,7 @@ def test_full_mode_saves_an_sdxl_single_file(tiny_sdxl, tiny_tagger, sdxl_model,
 
 def test_pfg_only_mode_with_pooled_head(tiny_sdxl, prepared_dataset, tmp_path, fresh_accelerate_state):
     """--pfg_pooled: the head also learns a vector added to the pooled text embedding (from zero)."""
-    from library.pfg import load_pfg
+    from library.models.pfg import load_pfg
 
     _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "2", "--pfg_pooled",
            "--pfg_dropout", "0.5", "--max_token_length", "150", "--mixed_precision", "bf16",
@@ -197,7 +197,7 @@ def test_lora_has_kohya_sdxl_names_and_loads_in_diffusers(tiny_sdxl, sdxl_model,
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from library.models import apply_lora_files
+    from library.models.loading import apply_lora_files
 
     from safetensors import safe_open
 
@@ -224,8 +224,8 @@ def test_lora_has_kohya_sdxl_names_and_loads_in_diffusers(tiny_sdxl, sdxl_model,
 
 def test_time_ids_are_what_the_bucketer_recorded(prepared_dataset):
     """A bucketed, center-cropped image conditions on (original h, w, crop top, left, bucket h, w)."""
-    from library.dataset import PFGDataset, collate, collect_items, load_features
-    from library.dataset_config import load_dataset_config
+    from library.data.dataset import PFGDataset, collate, collect_items, load_features
+    from library.data.dataset_config import load_dataset_config
 
     items, _ = collect_items(load_dataset_config(prepared_dataset), "illustration of *")
     features, _ = load_features(items)
@@ -254,8 +254,8 @@ def sdxl_gen_kit(tiny_sdxl, tiny_tagger, tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from library.encoders import load_encoder
-    from library.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
+    from library.models.encoders import load_encoder
+    from library.models.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
 
     root = tmp_path_factory.mktemp("sdxl-gen")
     encoder = load_encoder(str(tiny_tagger))
@@ -305,9 +305,9 @@ def test_gen_pfg_scale_zero_equals_plain_sdxl_pipeline_and_guides_change_it(sdxl
 @torch.no_grad()
 def test_sampler_conditioning_for_sdxl(sdxl_gen_kit, sdxl_model):
     """Tokens after the weighted text states; the pooled head output on the guided branch only."""
-    from library.encoders import load_encoder
-    from library.pfg import load_pfg
-    from library.sampling import Guide, PFGSampler, SampleRequest
+    from library.models.encoders import load_encoder
+    from library.models.pfg import load_pfg
+    from library.sample.sampler import Guide, PFGSampler, SampleRequest
 
     adapter, _ = load_pfg(sdxl_gen_kit["pfg"])
     sampler = PFGSampler(sdxl_model, adapter, load_encoder(str(sdxl_gen_kit["tagger"])))
@@ -345,8 +345,8 @@ def test_eval_pfg_runs_on_sdxl(sdxl_gen_kit, prepared_dataset, tmp_path):
 def test_sdxl_vae_stays_fp32_under_fp16_unless_a_fixed_vae_is_given(sdxl_model):
     import copy
 
-    from library.train_settings import TrainSettings
-    from library.train_setup import prepare_sd_model
+    from library.train.settings import TrainSettings
+    from library.train.setup import prepare_sd_model
 
     for vae, expected in (("", torch.float32), ("fixed-vae", torch.float16)):
         model = copy.deepcopy(sdxl_model)
@@ -363,7 +363,7 @@ def test_kohya_sdxl_lora_with_both_text_encoders_loads(sdxl_model, trained_lora,
 
     from safetensors.torch import load_file, save_file
 
-    from library.models import apply_lora_files
+    from library.models.loading import apply_lora_files
 
     tensors = dict(load_file(str(trained_lora)))
     g = torch.Generator().manual_seed(0)
@@ -390,9 +390,9 @@ def test_unet_key_map_agrees_with_diffusers_at_real_sdxl_size():
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from library.ldm_keys import UNET_PREFIX, unet_key_map
-    from library.lora import module_names
-    from library.sdxl_checkpoint import UNET_DEFAULTS
+    from library.models.ldm_keys import UNET_PREFIX, unet_key_map
+    from library.models.lora import module_names
+    from library.models.sdxl_checkpoint import UNET_DEFAULTS
 
     config = {**UNET_DEFAULTS, "in_channels": 4, "out_channels": 4, "layers_per_block": 2, "cross_attention_dim": 2048,
               "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
@@ -418,8 +418,8 @@ def test_unet_key_map_agrees_with_diffusers_at_real_sdxl_size():
 def test_sdxl_diffusers_folder_and_ckpt_exports_load_back(sdxl_model, tmp_path):
     import diffusers
 
-    from library.models import load_sd_model
-    from library.sdxl_checkpoint import save_sdxl_diffusers, save_sdxl_single_file
+    from library.models.loading import load_sd_model
+    from library.models.sdxl_checkpoint import save_sdxl_diffusers, save_sdxl_single_file
 
     m = sdxl_model
     scheduler = diffusers.EulerDiscreteScheduler.from_config(m.scheduler_config)
@@ -473,7 +473,7 @@ def test_sdxl_refiner_file_is_refused_clearly(tmp_path):
     from safetensors.torch import save_file
 
     from library.errors import UserError
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     path = tmp_path / "refiner.safetensors"
     save_file({"conditioner.embedders.0.model.text_projection": torch.zeros(2, 2),
@@ -489,7 +489,7 @@ def test_full_fine_tune_in_the_24gb_configuration(tiny_sdxl, sdxl_model, prepare
     and an 8-bit AdamW or Adafactor; the UNet trains and saves as an SDXL single file."""
     from safetensors import safe_open
 
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     _train(tiny_sdxl, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "1",
            "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing", "--optimizer_type", optimizer)
@@ -530,8 +530,8 @@ def test_foreign_single_file_loads_offline_and_a_v_pred_key_means_v_prediction(s
     import diffusers
     from safetensors.torch import load_file, save_file
 
-    from library.models import load_sd_model
-    from library.sdxl_checkpoint import save_sdxl_single_file
+    from library.models.loading import load_sd_model
+    from library.models.sdxl_checkpoint import save_sdxl_single_file
 
     m = sdxl_model
     scheduler = diffusers.EulerDiscreteScheduler.from_config(m.scheduler_config)

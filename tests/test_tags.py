@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 import prepare_features
-from library.encoders import find_pooled_tensor, load_encoder
+from library.models.encoders import find_pooled_tensor, load_encoder
 from library.errors import UserError
-from library.features import feature_cache_path, read_feature
-from library.images import load_image
-from library.tags import CaptionWriter, TagList, format_tag, load_tag_list, select_tags
+from library.data.features import feature_cache_path, read_feature
+from library.data.images import load_image
+from library.data.tags import CaptionWriter, TagList, format_tag, load_tag_list, select_tags
 
 
 def _tags() -> TagList:

@@ -1,4 +1,4 @@
-"""library/text.py: A1111 prompt weighting, 75-token chunks, SD2 padding, clip skip."""
+"""library/models/text.py: A1111 prompt weighting, 75-token chunks, SD2 padding, clip skip."""
 from __future__ import annotations
 
 import copy
@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from library.clip_vocab import write_clip_tokenizer_files
+from library.models.clip_vocab import write_clip_tokenizer_files
 from library.errors import UserError
-from library.text import PromptEncoder, last_token_states, parse_prompt_attention
+from library.models.text import PromptEncoder, last_token_states, parse_prompt_attention
 
 BOS, EOS = 49406, 49407
 CAT = 2368  # "cat" is one token, so "cat " * n is exactly n tokens

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import train_pfg
 from library.errors import UserError
-from library.pfg import PFGAdapter, PFGShape, load_pfg, pfg_metadata, save_pfg
+from library.models.pfg import PFGAdapter, PFGShape, load_pfg, pfg_metadata, save_pfg
 from tests.dataset_copies import small_dataset_copy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,8 +53,8 @@ def _unet_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_full_mode_changes_pfg_and_unet(tiny_sd1, prepared_dataset, initial_pfg, tmp_path):
-    from library.checkpoints import save_single_file
-    from library.models import load_sd_model
+    from library.models.checkpoints import save_single_file
+    from library.models.loading import load_sd_model
 
     _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "3",
            "--resume_pfg", str(initial_pfg), "--pfg_num_tokens", "4")
@@ -78,11 +78,11 @@ def test_full_mode_changes_pfg_and_unet(tiny_sd1, prepared_dataset, initial_pfg,
 
 def test_loss_drops_on_a_repeated_batch(tiny_sd1, prepared_dataset):
     """The training step itself learns: a few optimizer steps on one batch lower its loss."""
-    from library.dataset import PFGDataset, collate, collect_items, load_features
-    from library.dataset_config import load_dataset_config
-    from library.models import load_sd_model
-    from library.text import PromptEncoder
-    from library.trainer import PFGTrainer, StepOptions
+    from library.data.dataset import PFGDataset, collate, collect_items, load_features
+    from library.data.dataset_config import load_dataset_config
+    from library.models.loading import load_sd_model
+    from library.models.text import PromptEncoder
+    from library.train.trainer import PFGTrainer, StepOptions
 
     torch.manual_seed(0)
     items, _ = collect_items(load_dataset_config(prepared_dataset), "illustration of *")
@@ -285,7 +285,7 @@ def test_two_process_ddp_on_cpu(tiny_sd1, prepared_dataset, tmp_path):
 def test_stale_or_foreign_feature_caches_are_never_used_silently(tiny_sd1, prepared_dataset, tiny_tagger, tmp_path):
     """An image edited after prepare_features.py, or caches of another encoder than the subset
     pins, stop training with the file named; with --tagger_model the trainer recomputes them."""
-    from library.features import feature_cache_path, read_cache
+    from library.data.features import feature_cache_path, read_cache
 
     toml = small_dataset_copy(prepared_dataset, tmp_path, 4)
     edited = sorted((tmp_path / "images").glob("*.png"))[0]
@@ -341,7 +341,7 @@ def test_each_named_optimizer_trains(tiny_sd1, prepared_dataset, initial_pfg, tm
 def test_full_mode_outputs(request, prepared_dataset, tmp_path, case):
     """Full mode in each output format and precision: SD2 with bf16 autocast into a diffusers
     folder; SD1 with fp16 autocast into .ckpt files, saved every epoch."""
-    from library.models import load_sd_model
+    from library.models.loading import load_sd_model
 
     if case == "sd2 diffusers":
         model = request.getfixturevalue("tiny_sd2")
@@ -383,9 +383,9 @@ def test_cpu_bf16_warns_of_buckets_that_meet_the_onednn_conv_gradient_bug(tiny_s
     garbage (NaN when the memory it reads held NaNs): SD's last downsampler sees one from buckets
     32 px wide or narrower. Training its weights in bf16 on such buckets says so."""
     from library.cli_config import parse_settings
-    from library.models import load_sd_model
-    from library.train_settings import TrainSettings
-    from library.train_setup import cpu_bf16_conv_warning
+    from library.models.loading import load_sd_model
+    from library.train.settings import TrainSettings
+    from library.train.setup import cpu_bf16_conv_warning
 
     model = load_sd_model(str(tiny_sd2))
     cpu = torch.device("cpu")
@@ -417,8 +417,8 @@ def test_sharded_training_refuses_what_it_cannot_do(prepared_dataset, tmp_path, 
     from accelerate.utils import DistributedType
 
     from library.cli_config import parse_settings
-    from library.train_settings import TrainSettings
-    from library.train_setup import check_sharding
+    from library.train.settings import TrainSettings
+    from library.train.setup import check_sharding
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("illustration of * --s 2\n")
@@ -461,7 +461,7 @@ def test_one_module_is_prepared_and_saved_under_its_own_names(tiny_sd1, prepared
     weights under FSDP/ZeRO-3); the files keep their own key names, no wrapper prefix."""
     from accelerate import Accelerator
 
-    from library.train_setup import TrainedModules
+    from library.train.setup import TrainedModules
 
     prepared, gathered = [], []
     real_prepare, real_get_state_dict = Accelerator.prepare, Accelerator.get_state_dict

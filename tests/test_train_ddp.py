@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from library.pfg import load_pfg
+from library.models.pfg import load_pfg
 from tests.dataset_copies import small_dataset_copy
 
 REPO = Path(__file__).resolve().parent.parent

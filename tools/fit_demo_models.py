@@ -97,7 +97,7 @@ def _hash_files(files: list[Path], extra: dict | None = None) -> str:
 
 def _labelled_images(folder: Path, truth: dict) -> list[tuple[Path, dict]]:
     by_name = {Path(e["file"]).name: e for e in truth["images"]}
-    from library.images import list_images
+    from library.data.images import list_images
 
     return [(p, by_name[p.name]) for p in list_images(folder) if p.name in by_name]
 
@@ -154,8 +154,8 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
                seed: int, vae_model: Path) -> Path:
     """Fit the tiny ViT tagger to the demo tags (multi-label BCE) and export it as a WD tagger.
     It sees every drawing twice: as drawn, and after a round trip through `vae_model`'s VAE."""
-    from library.encoders import wd_preprocess
-    from library.images import load_image
+    from library.models.encoders import wd_preprocess
+    from library.data.images import load_image
 
     general, characters = demo_tag_names(truth)
     names = RATING_TAGS + general + characters
@@ -230,7 +230,7 @@ def _square_pixels(path: Path, size: int) -> torch.Tensor:
     """Resize to cover a size x size square and center-crop; (3, size, size) in [-1, 1]."""
     from PIL import Image
 
-    from library.images import load_image
+    from library.data.images import load_image
 
     image = load_image(path)
     scale = size / min(image.size)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from library.clip_vocab import write_clip_tokenizer_files
+from library.models.clip_vocab import write_clip_tokenizer_files
 from library.errors import UserError, run_cli
 from library.fileio import atomic_dir
 

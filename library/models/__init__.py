@@ -1,0 +1,1 @@
+"""The networks: SD loading and checkpoint formats, LoRA, the PFG adapter, text encoding and image encoders."""

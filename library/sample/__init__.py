@@ -1,0 +1,1 @@
+"""gen_pfg.py's pieces: the sampler, prompt files, settings and image outputs."""
