@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     model, adapter = load_model_and_head(settings, device, dtype)
     encoder = second = None
     if settings.tagger_model:
-        from library.models.encoders import load_encoder
+        from library.models.image_encoders import load_encoder
 
         encoder = load_encoder(settings.tagger_model, device=device.type, feature_tensor=settings.feature_tensor or None)
     if settings.second_encoder:
-        from library.models.encoders import load_encoder
+        from library.models.image_encoders import load_encoder
 
         second = load_encoder(settings.second_encoder, device=device.type)
 

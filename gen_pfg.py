@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter, pfg_info = load_pfg(settings.pfg_weights, model.cross_attention_dim)
         adapter.to(device, dtype=dtype).eval()
         if settings.tagger_model:
-            from library.models.encoders import load_encoder
+            from library.models.image_encoders import load_encoder
 
             encoder = load_encoder(settings.tagger_model, device=device.type, feature_tensor=settings.feature_tensor or None)
         check_compatible(adapter, settings.pfg_weights, encoder.dim if encoder else None, model.cross_attention_dim)

@@ -31,7 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from library.data.dataset_config import DatasetConfig, DatasetDefaults, SubsetConfig, config_from_train_data_dir, load_dataset_config, parse_resolution
-from library.models.encoders import ENCODER_KINDS, ImageEncoder, OnnxTagger, detect_encoder_kind, load_encoder
+from library.models.image_encoders import ENCODER_KINDS, ImageEncoder, detect_encoder_kind, load_encoder
+from library.models.image_encoders.wd_tagger import OnnxTagger
 from library.errors import UserError, run_cli
 from library.data.features import feature_cache_path, load_valid_feature, save_feature
 from library.data.images import IMAGE_EXTENSIONS, ImageLoadError, list_images, load_image, prefetch
@@ -189,7 +190,7 @@ def load_and_preprocess(encoder: ImageEncoder, path: Path, out: np.ndarray | Non
     image = load_image(path)
     try:
         return encoder.preprocess(image, out)
-    except Exception as e:  # an odd image that decoded but cannot be converted is still one bad file
+    except (ValueError, OSError) as e:  # an odd image that decoded but cannot be converted is still one bad file
         raise ImageLoadError(path, f"cannot preprocess ({e})") from None
 
 

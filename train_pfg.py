@@ -195,7 +195,7 @@ def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_
 
     hooks = []
     if sample_requests:
-        from library.models.encoders import load_encoder
+        from library.models.image_encoders import load_encoder
         from library.sample.sampler import PFGSampler
         from library.train.samples import TrainingSamples
 

@@ -28,7 +28,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import prepare_features  # noqa: E402
-from library.models.encoders import load_encoder  # noqa: E402
+from library.models.image_encoders import load_encoder  # noqa: E402
 from library.data.features import feature_cache_path  # noqa: E402
 from library.data.images import load_image, prefetch  # noqa: E402
 from tools.make_tiny_tagger import build_tiny_tagger  # noqa: E402

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from library.models.loading import move, set_attention_backend
+    from library.models.attention import set_attention_backend
+    from library.models.loading import move
     from library.models.pfg import PFGAdapter, PFGShape
     from library.sample.sampler import Guide, PFGSampler, SampleRequest, make_scheduler
 

@@ -11,6 +11,9 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(); a UserError prints `error: ...` and exits with status 2."""
+    from library import quiet
+
+    quiet.install()
     try:
         code = main()
     except UserError as e:

@@ -2,6 +2,7 @@
 so a crash never leaves a half-written file behind."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -63,3 +64,12 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+
+
+def file_hash(path: str | os.PathLike, length: int = 12) -> str:
+    """The first `length` hex digits of the file's sha256, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]

@@ -76,11 +76,13 @@ def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[tup
     path = Path(path)
     if not path.is_file():
         raise UserError(f"file not found: {path}")
+    from library.tensor_files import safetensors_errors
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as e:
+    except safetensors_errors() as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     return meta, tensors
 

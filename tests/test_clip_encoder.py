@@ -10,8 +10,8 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 import prepare_features
-from library.models.clip_encoder import ClipVisionEncoder
-from library.models.encoders import detect_encoder_kind, load_encoder
+from library.models.image_encoders.clip import ClipVisionEncoder
+from library.models.image_encoders import detect_encoder_kind, load_encoder
 from library.errors import UserError
 from library.data.features import feature_cache_path, read_encoder_id, read_feature
 from library.data.images import load_image

@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from library.models.encoders import ImageEncoder, find_pooled_tensor, load_encoder, wd_preprocess
+from library.models.image_encoders import ImageEncoder, load_encoder
+from library.models.image_encoders.wd_tagger import find_pooled_tensor, wd_preprocess
 from library.errors import UserError
 from library.data.images import ImageLoadError, list_images, load_image
 

@@ -42,7 +42,7 @@ def _guide_image(path: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def kit(tmp_path_factory, tiny_sd1, tiny_sd2, tiny_tagger) -> dict[str, Path]:
     """Shared files: PFG heads in every format for both tiny models, guide images, a vector file."""
-    from library.models.encoders import load_encoder
+    from library.models.image_encoders import load_encoder
     from library.data.features import save_feature
 
     root = tmp_path_factory.mktemp("gen")
@@ -175,7 +175,7 @@ def test_features_file_without_a_tagger_equals_the_guide_image(kit, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd1_sampler(kit):
-    from library.models.encoders import load_encoder
+    from library.models.image_encoders import load_encoder
     from library.models.loading import load_sd_model
     from library.models.pfg import load_pfg
 
@@ -492,7 +492,7 @@ def test_hub_id_downloads_only_the_pipeline_files_and_the_cache_serves_it_offlin
 
 
 def test_pipeline_file_selection_picks_one_weights_variant_per_component():
-    from library.models.loading import select_pipeline_files
+    from library.models.hub import select_pipeline_files
 
     index = {"_class_name": "StableDiffusionXLPipeline", **{p: ["x", "y"] for p in
              ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")}}

@@ -18,7 +18,8 @@ from library.errors import UserError
 from library.models.ldm_keys import unet_key_map
 from library.models.lora import LoraShape, add_unet_lora, lora_state_dict
 from library.metadata import safetensors_hashes
-from library.models.loading import SDModel, apply_lora_files, load_sd_model
+from library.models.loading import SDModel, load_sd_model
+from library.models.lora import apply_lora_files
 from library.train.settings import TrainSettings
 from library.train.setup import parameter_groups, prepare_sd_model
 

@@ -197,7 +197,7 @@ def test_lora_has_kohya_sdxl_names_and_loads_in_diffusers(tiny_sdxl, sdxl_model,
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    from library.models.loading import apply_lora_files
+    from library.models.lora import apply_lora_files
 
     from safetensors import safe_open
 
@@ -254,7 +254,7 @@ def sdxl_gen_kit(tiny_sdxl, tiny_tagger, tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from library.models.encoders import load_encoder
+    from library.models.image_encoders import load_encoder
     from library.models.pfg import PFGAdapter, PFGShape, pfg_metadata, save_pfg
 
     root = tmp_path_factory.mktemp("sdxl-gen")
@@ -305,7 +305,7 @@ def test_gen_pfg_scale_zero_equals_plain_sdxl_pipeline_and_guides_change_it(sdxl
 @torch.no_grad()
 def test_sampler_conditioning_for_sdxl(sdxl_gen_kit, sdxl_model):
     """Tokens after the weighted text states; the pooled head output on the guided branch only."""
-    from library.models.encoders import load_encoder
+    from library.models.image_encoders import load_encoder
     from library.models.pfg import load_pfg
     from library.sample.sampler import Guide, PFGSampler, SampleRequest
 
@@ -363,7 +363,7 @@ def test_kohya_sdxl_lora_with_both_text_encoders_loads(sdxl_model, trained_lora,
 
     from safetensors.torch import load_file, save_file
 
-    from library.models.loading import apply_lora_files
+    from library.models.lora import apply_lora_files
 
     tensors = dict(load_file(str(trained_lora)))
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from library.models.encoders import load_encoder
+from library.models.image_encoders import load_encoder
 from tools.make_tiny_tagger import build_tiny_tagger, load_torch_tagger
 
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import prepare_features
-from library.models.encoders import find_pooled_tensor, load_encoder
+from library.models.image_encoders import load_encoder
+from library.models.image_encoders.wd_tagger import find_pooled_tensor
 from library.errors import UserError
 from library.data.features import feature_cache_path, read_feature
 from library.data.images import load_image

@@ -154,7 +154,7 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
                seed: int, vae_model: Path) -> Path:
     """Fit the tiny ViT tagger to the demo tags (multi-label BCE) and export it as a WD tagger.
     It sees every drawing twice: as drawn, and after a round trip through `vae_model`'s VAE."""
-    from library.models.encoders import wd_preprocess
+    from library.models.image_encoders.wd_tagger import wd_preprocess
     from library.data.images import load_image
 
     general, characters = demo_tag_names(truth)

@@ -21,7 +21,7 @@ from library.data.captions import process_caption, resolve_caption
 from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
 from library.data.features import feature_cache_path, read_cache
-from library.data.images import ImageLoadError, list_images
+from library.data.images import HEADER_ERRORS, ImageLoadError, list_images
 from library.data.latents import bucket_pixels, latent_cache_path
 from library.models.text_sdxl import time_ids
 
@@ -50,7 +50,7 @@ def _image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             w, h = im.size
             orientation = im.getexif().get(0x0112, 1)
-    except Exception as e:
+    except HEADER_ERRORS as e:
         raise ImageLoadError(path, f"cannot read image header ({type(e).__name__}: {e})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 

@@ -7,6 +7,7 @@ rotated phone photos and the odd broken or huge file; one of them must never sto
 from __future__ import annotations
 
 import os
+import struct
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,13 @@ MAX_PIXELS = 2 * 89_478_485
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif") + ((".avif",) if features.check("avif") else ())
 
 T = TypeVar("T")
+
+# What Pillow raises while reading a damaged file's header or EXIF block (found by fuzzing EXIF
+# bytes of real JPEGs): these make a file unusable, or, for EXIF, only its rotation unknown.
+HEADER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+# exif_transpose on a malformed EXIF block: Pillow's own parser fails with these (a TypeError from
+# a bytes fill value, an AttributeError from a float where it expects text, struct.error).
+EXIF_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, SyntaxError, struct.error)
 
 
 class ImageLoadError(Exception):
@@ -69,7 +77,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
 def _apply_exif_rotation(im: Image.Image) -> Image.Image:
     try:
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an unrotated picture
-    except Exception:  # a malformed EXIF block should not cost the picture; keep it unrotated
+    except EXIF_ERRORS:  # a malformed EXIF block should not cost the picture; keep it unrotated
         pass
     return im
 

@@ -22,6 +22,7 @@ import torch
 from library.models.clip_vocab import write_clip_tokenizer_files
 from library.errors import UserError
 from library.fileio import atomic_dir, atomic_path
+from library.tensor_files import TORCH_LOAD_ERRORS, read_safetensors, safetensors_errors
 from library.models.ldm_keys import (
     SD1_TE_PREFIX,
     SD2_TE_PREFIX,
@@ -85,12 +86,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise UserError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types for damaged headers
+            return read_safetensors(path)
+        except safetensors_errors() as e:  # damaged header, truncated, unreadable
             raise UserError(f"{path}: not a readable .safetensors file ({e})") from None
     if suffix not in PICKLE_SUFFIXES:
         raise UserError(f"{path}: unknown checkpoint format {suffix!r}; use .safetensors, .ckpt or .pt")
@@ -103,7 +101,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             "Pickled checkpoints are read with weights_only=True so no code inside them runs; "
             "convert this file to .safetensors with a tool you trust."
         ) from None
-    except Exception as e:
+    except TORCH_LOAD_ERRORS as e:
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     metadata: dict[str, str] = {}
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

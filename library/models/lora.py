@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.fileio import atomic_path
+from library.tensor_files import read_safetensors, safetensors_errors, safetensors_keys
 
 PREFIX_UNET = "lora_unet"
 PREFIX_TEXT_ENCODER = "lora_te"
@@ -224,9 +224,8 @@ def _read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
+        return read_safetensors(path)[0]
+    except safetensors_errors() as e:
         raise UserError(f"{path}: not a readable safetensors LoRA file ({e})") from None
 
 
@@ -238,9 +237,8 @@ def is_kohya_file(path: str | Path) -> bool:
     if path.suffix.lower() != ".safetensors":
         return False
     try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as e:
+        keys = safetensors_keys(path)
+    except safetensors_errors() as e:
         raise UserError(f"{path}: not a readable safetensors LoRA file ({e})") from None
     return any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in keys)
 
@@ -371,3 +369,44 @@ def add_unet_lora(unet: torch.nn.Module, shape: LoraShape, dtype: torch.dtype, w
     params = add_lora(unet, targets, dtype)
     load_lora_weights_into(unet, weights)
     return params
+
+
+# -- applying LoRA files to a model for generation ----------------------------------------
+
+
+def apply_lora_files(model, files: list[str], multipliers: list[float]) -> None:
+    """Load LoRA files onto the UNet and text encoder, mixed with their multipliers.
+
+    kohya-format files (`lora_unet_*`/`lora_te_*`, ours or made elsewhere) go through
+    `library.models.lora`, which keeps every layer's alpha and checks the file against the model;
+    diffusers/peft-format files go through diffusers' `load_lora_weights`.
+    """
+    if not files:
+        return
+    names = [f"lora{index}" for index in range(len(files))]
+    for name, file in zip(names, files):
+        if is_kohya_file(file):
+            load_kohya_lora(file, model.unet, model.text_encoder, name, model.text_encoder_2)
+        else:
+            _load_diffusers_lora(model, file, name)
+    roots = [m for m in (model.unet, model.text_encoder, model.text_encoder_2) if m is not None]
+    set_multipliers(roots, dict(zip(names, multipliers or [1.0] * len(names))))
+
+
+def _load_diffusers_lora(model, file: str, name: str) -> None:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if model.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=None,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    try:
+        pipe.load_lora_weights(file, adapter_name=name)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise UserError(f"{file}: cannot load as a LoRA for this model ({type(e).__name__}: {e})") from None

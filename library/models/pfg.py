@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.fileio import atomic_path
+from library.tensor_files import TORCH_LOAD_ERRORS, read_safetensors, safetensors_errors
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,10 @@ def load_pfg(path: str | Path, cross_attention_dim: int | None = None) -> tuple[
     metadata: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
+            state, metadata = read_safetensors(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file or a pickle with code in it
+    except (*safetensors_errors(), *TORCH_LOAD_ERRORS) as e:  # corrupt file or a pickle with code in it
         raise UserError(f"{path}: cannot read PFG weights ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a PFG file (expected a dict of tensors, got {type(state).__name__})")

@@ -11,7 +11,8 @@ import torch
 
 from library.errors import UserError
 from library.models.lora import LoraShape, add_unet_lora
-from library.models.loading import SDModel, move, set_attention_backend
+from library.models.attention import set_attention_backend
+from library.models.loading import SDModel, move
 from library.models.pfg import PFGAdapter, PFGShape, check_compatible, load_pfg
 from library.train.settings import TrainSettings
 

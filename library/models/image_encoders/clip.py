@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from library.models.encoders import file_hash
-from library.errors import UserError
 from library.data.images import to_rgb
+from library.errors import UserError
+from library.fileio import file_hash
 
 # What transformers loads, in the order it prefers; only one is downloaded and hashed. Hub CLIP
 # repos often also hold open_clip, fp16, flax or TF copies of the same weights (gigabytes each).
@@ -127,44 +127,6 @@ def resolve_clip(spec: str) -> tuple[Path, str]:
         return path, path.resolve().name
     if not HUB_SPEC.fullmatch(spec) or path.exists():
         raise UserError(f"CLIP model not found: {spec} (expected a save_pretrained folder, a hub id or hub-id/subfolder)")
-    return download_clip(spec), spec.split("/")[-1]
+    from library.models.hub import download_clip
 
-
-def download_clip(spec: str) -> Path:
-    """config.json, preprocessor_config.json (when the repo has one) and one weights format of a hub
-    CLIP repo into the Hugging Face cache, which also serves offline runs; the snapshot folder."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
-
-    owner, repo, *sub = spec.split("/")
-    repo_id, subfolder = f"{owner}/{repo}", "/".join(sub) or None
-
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, subfolder=subfolder))
-
-    try:
-        folder = fetch("config.json").parent
-        try:
-            fetch("preprocessor_config.json")
-        except RemoteEntryNotFoundError:
-            pass  # optional: ClipVisionEncoder falls back to the stock recipe
-        not_found: list[Exception] = []
-        for name in WEIGHT_FILES:
-            try:
-                path = fetch(name)
-            except EntryNotFoundError as e:  # remote: not in the repo; local: not in the offline cache
-                not_found.append(e)
-                continue
-            if name.endswith(".index.json"):
-                for shard in sorted(set(json.loads(path.read_text())["weight_map"].values())):
-                    fetch(shard)
-            return folder
-    except Exception as e:  # offline, unknown repo, no connection: all end the same way for the user
-        raise UserError(
-            f"CLIP model {spec!r} is not a local folder and could not be downloaded from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})"
-        ) from None
-    if all(isinstance(e, RemoteEntryNotFoundError) for e in not_found):
-        raise UserError(f"CLIP model {spec!r}: the hub repo has none of {', '.join(WEIGHT_FILES)}")
-    raise UserError(f"CLIP model {spec!r}: its weights are not in the local Hugging Face cache and could not be "
-                    f"downloaded ({type(not_found[-1]).__name__}: {str(not_found[-1]).splitlines()[0]})")
+    return download_clip(spec, WEIGHT_FILES), spec.split("/")[-1]

@@ -1,48 +1,29 @@
-"""Image encoders: an image becomes the pooled vector PFG is conditioned on.
+"""WD taggers (SmilingWolf's ONNX models): preprocessing, the pooled vector taken from inside
+the stock graph, and the tag probabilities of the same forward pass.
 
-The default encoder is a WD tagger ONNX. Its stock graph only outputs tag probabilities, so we
-edit the graph: the data input of the final classifier MatMul/Gemm (the pooled, pre-classifier
-vector) becomes an extra graph output. Everything about the interface — input name, size, NHWC or
-NCHW, pooled width — is read from the model, never assumed.
-
-The second family is a CLIP vision model through transformers (library/models/clip_encoder.py): the
-vector is its projected image embedding, so PFG is not tied to anime taggers.
+The stock graph only outputs tag probabilities, so we edit it: the data input of the final
+classifier MatMul/Gemm (the pooled, pre-classifier vector) becomes an extra graph output.
+Everything about the interface — input name, size, NHWC or NCHW, pooled width — is read from
+the model, never assumed. A features-only ONNX (output 0 already the vector) works as well.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 from PIL import Image
 
-from library.errors import UserError
 from library.data.images import to_rgb
+from library.errors import UserError
+from library.fileio import file_hash
 
 # Ops between the classifier MatMul/Gemm and the probabilities output in known tagger exports.
 _HEAD_PASS_THROUGH = {"Sigmoid", "Add", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
-
-
-@runtime_checkable
-class ImageEncoder(Protocol):
-    encoder_id: str  # file name + short content hash; stored in every cache and PFG file
-    dim: int
-    item_shape: tuple[int, ...]  # shape of one preprocessed image (float32)
-
-    def preprocess(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-        """One image -> model input without the batch axis (written into `out` when given, e.g. a
-        row of a batch buffer). CPU only, safe to call from threads."""
-
-    def encode_batch(self, batch: np.ndarray) -> np.ndarray:
-        """Stacked preprocess() outputs -> float32 (B, dim)."""
-
-    def encode(self, images: list[Image.Image]) -> np.ndarray:
-        """Convenience: preprocess and encode a list of images -> float32 (B, dim)."""
 
 
 def wd_preprocess(image: Image.Image, size: int, layout: str = "NHWC", out: np.ndarray | None = None) -> np.ndarray:
@@ -87,14 +68,6 @@ def _white_row(width: int, size: int) -> Image.Image:
     return Image.new("RGB", (width, 1), (255, 255, 255)).resize((size, 1), Image.BICUBIC)
 
 
-def file_hash(path: Path, length: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
-
-
 def resolve_tagger(spec: str) -> Path:
     """A tagger folder, a bare .onnx file or a hub id -> the local model.onnx path."""
     path = Path(spec).expanduser()
@@ -108,23 +81,10 @@ def resolve_tagger(spec: str) -> Path:
             return found[0]
         raise UserError(f"tagger folder {path} has no model.onnx" + (f" (and {len(found)} other .onnx files)" if found else ""))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.endswith(".onnx"):
-        return _download_tagger(spec)
+        from library.models.hub import download_tagger
+
+        return download_tagger(spec)
     raise UserError(f"tagger model not found: {spec} (expected a folder with model.onnx, an .onnx file or a hub id)")
-
-
-def _download_tagger(repo_id: str) -> Path:
-    """Fetch model.onnx (+ selected_tags.csv) from the Hugging Face hub; the hub caches them."""
-    try:
-        from huggingface_hub import hf_hub_download
-
-        model = Path(hf_hub_download(repo_id, "model.onnx"))
-        hf_hub_download(repo_id, "selected_tags.csv")
-    except Exception as e:  # offline, unknown repo, missing file: all end the same way for the user
-        raise UserError(
-            f"tagger model {repo_id!r} is not a local file or folder and could not be downloaded from the "
-            f"Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})"
-        ) from None
-    return model
 
 
 class OnnxTagger:
@@ -133,7 +93,7 @@ class OnnxTagger:
     def __init__(self, model_path: Path, device: str = "cpu", feature_tensor: str | None = None):
         try:
             model = onnx.load(str(model_path), load_external_data=False)
-        except Exception as e:
+        except (DecodeError, OSError) as e:  # not a protobuf ONNX file, or unreadable
             raise UserError(f"cannot read ONNX model {model_path}: {e}") from None
         self.input_name, self.layout, self.size, self.input_dtype = read_input_spec(model, model_path)
 
@@ -268,36 +228,14 @@ def _make_session(model: onnx.ModelProto, model_path: Path, device: str):
         raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    except Exception as e:
+    except onnxruntime_errors() as e:
         raise UserError(f"onnxruntime cannot load {model_path}: {e}") from None
     return session, session.get_providers()[0]
 
 
-def detect_encoder_kind(spec: str) -> str:
-    """"wd" for an .onnx file or a folder holding one, "clip" for a transformers folder (config.json);
-    a hub id cannot be inspected offline and counts as "wd" unless --encoder clip says otherwise."""
-    path = Path(spec).expanduser()
-    if path.is_dir() and not any(path.glob("*.onnx")) and (path / "config.json").is_file():
-        return "clip"
-    return "wd"
+def onnxruntime_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception types (InvalidProtobuf, InvalidGraph, Fail, NoSuchFile, ...):
+    a model it cannot load; every other exception is left to show as the bug it is."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-
-ENCODER_KINDS = ("auto", "wd", "clip")
-
-
-def load_encoder(spec: str, device: str = "cpu", feature_tensor: str | None = None, kind: str = "auto") -> ImageEncoder:
-    """Load an image encoder: a WD tagger folder, bare .onnx or hub id ("wd"), or a CLIP vision
-    folder or hub id ("clip"); "auto" tells them apart by the files (hub ids: "wd")."""
-    spec = str(spec)
-    if kind not in ENCODER_KINDS:
-        raise UserError(f"unknown encoder kind {kind!r}; choose from {', '.join(ENCODER_KINDS)}")
-    if kind == "auto":
-        kind = detect_encoder_kind(spec)
-    if kind == "clip":
-        if feature_tensor:
-            raise UserError("--feature_tensor applies to ONNX taggers, not to a CLIP vision model")
-        from library.models.clip_encoder import ClipVisionEncoder, resolve_clip
-
-        folder, name = resolve_clip(spec)
-        return ClipVisionEncoder(folder, name, device=device)
-    return OnnxTagger(resolve_tagger(spec), device=device, feature_tensor=feature_tensor)
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
