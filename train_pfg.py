@@ -140,17 +140,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensure_features(items, settings, accelerator) -> None:
-    """With --tagger_model, bring the vector caches up to date through prepare_features.py itself:
+    """With --tagger_model, bring the vector caches up to date with prepare_features.py's own job:
     it keeps the valid ones and recomputes missing ones, those of edited images and those of
     another encoder (each process takes its share, as when it runs alone)."""
     if not settings.tagger_model:
         return
     import torch
 
-    import prepare_features
+    from library.prepare.run import prepare_features
+    from library.prepare.settings import PrepareSettings
 
-    source = ["--dataset_config", settings.dataset_config] if settings.dataset_config else ["--train_data_dir", settings.train_data_dir]
-    status = prepare_features.main([*source, "--tagger_model", settings.tagger_model])
+    status = prepare_features(PrepareSettings(dataset_config=settings.dataset_config, train_data_dir=settings.train_data_dir,
+                                              tagger_model=settings.tagger_model))
     # Every process learns of a failure in any share, or the others would wait for it forever.
     failed = accelerator.gather(torch.tensor([int(bool(status))], device=accelerator.device)).nonzero().flatten().tolist()
     if failed:
@@ -165,7 +166,7 @@ def cached_latents(items, vae, settings, accelerator) -> dict | None:
         return None
     from library.data.latents import cache_latents
 
-    jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]
+    jobs = [item.latent_job() for item in items]
     vae = vae.to(accelerator.device)
     progress = accelerator.is_local_main_process
     if settings.cache_latents_to_disk and accelerator.num_processes > 1:

@@ -3,7 +3,7 @@
     python bench/bench_features.py [--num_images 256] [--batch_size 32] [--image_size 768x512] [--device cpu|cuda]
 
 "bare": InferenceSession.run on batches preprocessed beforehand (model time only: the ceiling).
-"pipeline": prepare_features.extract_features, the code path prepare_features.py runs — decoding
+"pipeline": library.prepare.pipeline.extract_features, the code path prepare_features.py runs — decoding
 and WD preprocessing in threads, batching, inference, atomic npz writes — over the same JPEGs.
 "end-to-end": prepare_features.main (also loads the model and lists and checks the caches).
 "decode only": the pipeline's decoding + preprocessing threads alone (no model, no writes): the
@@ -27,8 +27,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import prepare_features  # noqa: E402
+import prepare_features  # noqa: E402  (the end-to-end measurement runs its main)
 from library.models.image_encoders import load_encoder  # noqa: E402
+from library.prepare.pipeline import extract_features, load_and_preprocess  # noqa: E402
+from library.prepare.settings import DEFAULT_WORKERS  # noqa: E402
 from library.data.features import feature_cache_path  # noqa: E402
 from library.data.images import load_image, prefetch  # noqa: E402
 from tools.make_tiny_tagger import build_tiny_tagger  # noqa: E402
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_images", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--image_size", default="768x512", help="WxH of the generated JPEGs")
-    p.add_argument("--num_workers", type=int, default=prepare_features.DEFAULT_WORKERS)
+    p.add_argument("--num_workers", type=int, default=DEFAULT_WORKERS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tagger_model", default=None, help="default: the tiny offline vit-v2 tagger")
@@ -94,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 feature_cache_path(path).unlink(missing_ok=True)
 
         jobs = [(path, feature_cache_path(path)) for path in images]
-        pipeline = best_of(args.repeats, lambda: prepare_features.extract_features(
+        pipeline = best_of(args.repeats, lambda: extract_features(
             encoder, jobs, args.batch_size, args.num_workers, progress=False), clear)
         decode = best_of(args.repeats, lambda: sum(1 for _ in prefetch(
-            images, lambda path: prepare_features.load_and_preprocess(encoder, path), args.num_workers, 2 * args.batch_size)))
+            images, lambda path: load_and_preprocess(encoder, path), args.num_workers, 2 * args.batch_size)))
         argv_main = ["--train_data_dir", str(images[0].parent), "--tagger_model", tagger, "--device", args.device,
                      "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers)]
         end_to_end = best_of(1, lambda: prepare_features.main(argv_main), clear)

@@ -3,6 +3,7 @@ so a crash never leaves a half-written file behind."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -73,3 +74,9 @@ def file_hash(path: str | os.PathLike, length: int = 12) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """`data` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))

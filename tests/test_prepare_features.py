@@ -220,7 +220,7 @@ def test_cache_latents_are_the_trainers_caches(tiny_tagger, tiny_sd1, tmp_path, 
     settings = TrainSettings(pretrained_model_name_or_path=str(tiny_sd1), dataset_config=str(config))
     items, _ = collect_items(load_dataset_config(config, DatasetDefaults.from_settings(settings)), settings.pfg_prompt)
     assert len({item.assignment.bucket for item in items}) == 3  # three aspect ratios, three buckets
-    jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, i.subset.flip_aug) for i in items]  # as train_pfg.py
+    jobs = [item.latent_job() for item in items]  # as train_pfg.py
     vae = load_sd_model(str(tiny_sd1)).vae
     encoded: list[int] = []
     real_encode = latents.encode_pixels

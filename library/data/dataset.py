@@ -22,7 +22,7 @@ from library.data.dataset_config import DatasetConfig, SubsetConfig
 from library.errors import UserError
 from library.data.features import feature_cache_path, read_cache
 from library.data.images import HEADER_ERRORS, ImageLoadError, list_images
-from library.data.latents import bucket_pixels, latent_cache_path
+from library.data.latents import LatentJob, bucket_pixels
 from library.models.text_sdxl import time_ids
 
 
@@ -41,7 +41,12 @@ class TrainItem:
 
     @property
     def latent_path(self) -> Path:
-        return latent_cache_path(self.image_path, self.assignment.bucket, self.subset.cache_dir)
+        return self.latent_job().cache_path
+
+    def latent_job(self, cache_dir: Path | None = None, flip: bool | None = None) -> LatentJob:
+        """This image as a latent-caching job: its subset's cache folder and flip_aug unless given."""
+        return LatentJob(self.image_path, self.assignment, self.original_size, cache_dir or self.subset.cache_dir,
+                         self.subset.flip_aug if flip is None else flip)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,21 @@ from PIL import Image
 from library.data.buckets import BucketAssignment
 from library.fileio import atomic_path
 from library.data.images import load_image
+
+
+class LatentJob(NamedTuple):
+    """One image to encode: where it is, its bucket, its size before bucketing (kept in the cache,
+    as kohya does), the cache folder (None: beside the image) and whether a mirrored copy is needed."""
+
+    image_path: Path
+    assignment: BucketAssignment
+    original_size: tuple[int, int]
+    cache_dir: Path | None
+    flip: bool
+
+    @property
+    def cache_path(self) -> Path:
+        return latent_cache_path(self.image_path, self.assignment.bucket, self.cache_dir)
 
 
 def latent_cache_path(image_path: Path, bucket: tuple[int, int], cache_dir: Path | None = None) -> Path:
@@ -115,13 +131,13 @@ def load_valid_latents(
 
 
 def cache_latents(
-    jobs: list[tuple[Path, BucketAssignment, tuple[int, int], Path | None, bool]],
+    jobs: list[LatentJob],
     vae: torch.nn.Module,
     to_disk: bool,
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Encode every job once: (image path, bucket assignment, original size, cache dir, flip?).
+    """Encode every job once.
 
     Valid disk caches are read instead of recomputed; with `to_disk` new ones are written.
     Returns job index -> (latents, flipped latents or None), on the CPU. Images of one bucket
@@ -132,29 +148,28 @@ def cache_latents(
     identity = vae_id(vae)
     result: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     todo: dict[tuple[int, int], list[int]] = {}
-    for index, (image_path, assignment, _, cache_dir, flip) in enumerate(jobs):
-        cached = load_valid_latents(latent_cache_path(image_path, assignment.bucket, cache_dir), assignment, image_path, identity, flip)
+    for index, job in enumerate(jobs):
+        cached = load_valid_latents(job.cache_path, job.assignment, job.image_path, identity, job.flip)
         if cached is not None:
             result[index] = cached
         else:
-            todo.setdefault(assignment.bucket, []).append(index)
+            todo.setdefault(job.assignment.bucket, []).append(index)
     count = sum(len(v) for v in todo.values())
     bar = tqdm(total=count, desc="caching latents", disable=not progress or count == 0)
     for bucket_indices in todo.values():
         for start in range(0, len(bucket_indices), batch_size):
             chunk = bucket_indices[start : start + batch_size]
-            pixels = torch.stack([bucket_pixels(jobs[i][0], jobs[i][1]) for i in chunk])
+            pixels = torch.stack([bucket_pixels(jobs[i].image_path, jobs[i].assignment) for i in chunk])
             latents = encode_pixels(vae, pixels).float().cpu()
             flipped = None
-            if any(jobs[i][4] for i in chunk):
+            if any(jobs[i].flip for i in chunk):
                 flipped = encode_pixels(vae, torch.flip(pixels, dims=[3])).float().cpu()
             for k, i in enumerate(chunk):
-                image_path, assignment, original_size, cache_dir, flip = jobs[i]
-                entry = (latents[k], flipped[k] if flip and flipped is not None else None)
+                job = jobs[i]
+                entry = (latents[k], flipped[k] if job.flip and flipped is not None else None)
                 result[i] = entry
                 if to_disk:
-                    path = latent_cache_path(image_path, assignment.bucket, cache_dir)
-                    save_latent_cache(path, entry[0], entry[1], assignment, original_size, image_path, identity)
+                    save_latent_cache(job.cache_path, entry[0], entry[1], job.assignment, job.original_size, job.image_path, identity)
             bar.update(len(chunk))
     bar.close()
     return result

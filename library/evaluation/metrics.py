@@ -43,7 +43,7 @@ def load_eval_samples(items: list, features: torch.Tensor, vae: torch.nn.Module)
     (valid `*_sd.npz` caches are read instead). No flips, no caption shuffling."""
     from library.data.latents import cache_latents
 
-    jobs = [(i.image_path, i.assignment, i.original_size, i.subset.cache_dir, False) for i in items]
+    jobs = [item.latent_job(flip=False) for item in items]
     latents = cache_latents(jobs, vae, to_disk=False, progress=False)
     return [
         EvalSample(item.image_path.name, latents[k][0].float(), features[k].float(), item.caption)

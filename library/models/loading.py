@@ -148,3 +148,21 @@ def load_for_inference(
             move(module, device, dtype).eval()
     set_attention_backend(model.unet, attention)
     return model
+
+
+def load_sd_vae(name_or_path: str) -> torch.nn.Module:
+    """The VAE of an SD model, frozen, in fp32 (the weights as the file holds them, so its id, a
+    weight hash, matches the trainer's): a diffusers folder's `vae/` alone (fast), else the whole
+    model loaded and its VAE kept. `library.models.checkpoints.load_vae` reads a VAE on its own
+    (a `--vae` file or folder) instead."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(path / "vae")
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path / 'vae'}: cannot load the VAE ({e})") from None
+    else:
+        vae = load_sd_model(name_or_path).vae
+    return vae.requires_grad_(False).eval()

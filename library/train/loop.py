@@ -16,7 +16,8 @@ from tqdm import tqdm
 from library.data.dataset import PFGDataset, TrainItem, collate, epoch_batches
 from library.errors import UserError
 from library.fileio import replace_dir
-from library.train.saving import OutputWriter, epoch_tag, step_tag, write_json
+from library.fileio import write_json
+from library.train.saving import OutputWriter, epoch_tag, step_tag
 from library.train.settings import STATE_FILE
 
 

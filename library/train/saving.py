@@ -3,14 +3,12 @@ training state, and the rotation of intermediate saves. Names follow kohya: `NAM
 `NAME-000002-pfg.safetensors` (epoch 2), `NAME-pfg.safetensors` (the end)."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from library.fileio import atomic_path
 from library.metadata import modelspec, with_hashes
 from library.models.loading import SDModel
 from library.models.pfg import PFGAdapter, pfg_metadata, save_pfg
@@ -108,8 +106,3 @@ def remove_output(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def write_json(path: Path, data: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
