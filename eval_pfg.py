@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.evaluation.metrics import evaluate_denoising, load_eval_samples
     from library.evaluation.report import format_table, write_outputs
     from library.models.pfg import check_compatible
-    from library.models.text_sdxl import make_prompt_encoder
-    from library.train.trainer import StepOptions
-    from library.train.trainer_sdxl import make_trainer
+    from library.train.trainer import PFGTrainer, StepOptions
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
@@ -67,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     features = item_features(items, encoder)
     check_compatible(adapter, settings.pfg_weights, features.shape[1], model.cross_attention_dim)
     samples = load_eval_samples(items, features, model.vae)
-    prompt_encoder = make_prompt_encoder(model, clip_skip=settings.clip_skip)
+    prompt_encoder = model.prompt_encoder(clip_skip=settings.clip_skip)
 
     # 4. Conditioning gain and denoising retrieval.
-    trainer = make_trainer(model, adapter, prompt_encoder, StepOptions(uncond=settings.uncond))
+    trainer = PFGTrainer(model, adapter, prompt_encoder, StepOptions(uncond=settings.uncond))
     denoising = evaluate_denoising(trainer, samples, settings.num_timesteps, settings.candidates, settings.seed, settings.n_boot)
 
     # 5. Generation retrieval, through the sampler gen_pfg.py uses.

@@ -28,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     from library.models.loading import load_for_inference
     from library.models.pfg import check_compatible, load_pfg
     from library.sample.sampler import PFGSampler, a1111_parameters
-    from library.models.text_sdxl import make_prompt_encoder
 
     device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.dtype]
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         trained_with = pfg_info.get("pfg.encoder", "")
         if encoder is not None and trained_with and trained_with != encoder.encoder_id:
             print(f"warning: {settings.pfg_weights} was trained with encoder {trained_with}, guide images use {encoder.encoder_id}")
-    prompt_encoder = make_prompt_encoder(model, clip_skip=settings.clip_skip)
+    prompt_encoder = model.prompt_encoder(clip_skip=settings.clip_skip)
     sampler = PFGSampler(model, adapter, encoder, prompt_encoder, settings.uncond, device, dtype)
 
     # 3. Generate and save, each PNG with the parameters that reproduce it.

@@ -20,13 +20,11 @@ from safetensors.torch import save as save_to_bytes
 from library.errors import UserError, run_cli
 
 MODELSPEC_VERSION = "1.0.0"
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sd2-eps": "stable-diffusion-v2-512",
-                 "sdxl": "stable-diffusion-xl-v1-base"}
 
 
-def modelspec(variant: str, v_prediction: bool, kind: str, title: str, resolution: tuple[int, int]) -> dict[str, str]:
-    """`modelspec.*` keys (Stability's model spec). `kind` is the adapter suffix: "pfg", "lora" or ""."""
-    arch = ARCHITECTURES["sd2" if v_prediction else "sd2-eps"] if variant == "sd2" else ARCHITECTURES.get(variant, variant)
+def modelspec(arch: str, v_prediction: bool, kind: str, title: str, resolution: tuple[int, int]) -> dict[str, str]:
+    """`modelspec.*` keys (Stability's model spec) for a model of architecture `arch` (its family's
+    modelspec_architecture). `kind` is the adapter suffix: "pfg", "lora" or ""."""
     return {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": f"{arch}/{kind}" if kind else arch,

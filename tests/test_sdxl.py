@@ -93,9 +93,9 @@ def test_text_states_and_pooled_match_diffusers(tiny_sdxl, sdxl_model):
     """Penultimate layers of both encoders, concatenated; bigG's pooled vector; 75-token chunks."""
     from diffusers import StableDiffusionXLPipeline
 
-    from library.models.text_sdxl import SDXLPromptEncoder, make_prompt_encoder
+    from library.models.text_sdxl import SDXLPromptEncoder
 
-    encoder = make_prompt_encoder(sdxl_model)
+    encoder = sdxl_model.prompt_encoder()
     assert isinstance(encoder, SDXLPromptEncoder) and encoder.width == 96 and encoder.pooled_width == 64
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, local_files_only=True)
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_text_states_and_pooled_match_diffusers(tiny_sdxl, sdxl_model):
     ids = encoder.tokenize(["a cat"]).ids[0]
     assert ids[0, 4:].eq(encoder.eos).all() and encoder._ids_2(ids)[0, 4:].eq(0).all() and encoder._ids_2(ids)[0, 3] == encoder.eos
     # --max_token_length 225: three chunks for both encoders; the pooled vector is the first chunk's
-    long = make_prompt_encoder(sdxl_model, max_token_length=225)
+    long = sdxl_model.prompt_encoder(max_token_length=225)
     with torch.no_grad():
         states, long_pooled = long.encode_pooled(["a cat, sitting"])
     assert states.shape == (1, 231, 96) and torch.allclose(long_pooled, pooled, atol=1e-6)

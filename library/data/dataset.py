@@ -23,7 +23,6 @@ from library.errors import UserError
 from library.data.features import feature_cache_path, read_cache
 from library.data.images import HEADER_ERRORS, ImageLoadError, list_images
 from library.data.latents import LatentJob, bucket_pixels
-from library.models.text_sdxl import time_ids
 
 
 @dataclass(frozen=True)
@@ -114,13 +113,19 @@ def load_features(items: list[TrainItem]) -> tuple[torch.Tensor, str]:
 
 
 def sdxl_time_ids(item: TrainItem, flip: bool = False) -> torch.Tensor:
-    """SDXL's size/crop conditioning of one sample (library.models.text_sdxl.time_ids); a mirrored image
-    was cropped from the other side, so its left margin is the crop's right margin (as kohya)."""
+    """SDXL's micro-conditioning of one sample, (original h, original w, crop top, crop left,
+    target h, target w): the image's size before bucketing, the pixels the bucket's center crop
+    cut from the top and left of the resized image (the SDXL paper's and diffusers' convention),
+    and the bucket size. (kohya's `get_crop_ltrb` reports a letterbox offset instead — for an
+    image cropped at the sides it gives a top offset and left 0; we condition on the crop that
+    actually happened.) A mirrored image was cropped from the other side, so its left margin is
+    the crop's right margin (as kohya). Other families ignore them."""
     left, top, right, bottom = item.assignment.crop_ltrb
     if flip:
         width = item.assignment.resized_size[0]
         left, right = width - right, width - left
-    return torch.tensor(time_ids(item.original_size, (left, top, right, bottom), item.assignment.bucket))
+    (original_w, original_h), (target_w, target_h) = item.original_size, item.assignment.bucket
+    return torch.tensor([original_h, original_w, top, left, target_h, target_w])
 
 
 def bucket_counts(items: list[TrainItem]) -> Counter:

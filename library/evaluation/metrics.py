@@ -16,13 +16,12 @@ The building blocks are public too: `eval_timesteps`, `candidate_sets`, `denoisi
 Every comparison is paired: an image is noised once per timestep with seeded noise, and only
 the PFG vector changes between candidates, so differences come from the conditioning alone.
 The text is each image's own caption for every candidate. Losses use `PFGTrainer.loss`, the
-training objective itself, with the trainer's PFG dropout switched off.
+training objective itself, through `trainer.for_evaluation()`: PFG dropout and Min-SNR weighting off.
 """
 from __future__ import annotations
 
 import random
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -151,34 +150,24 @@ def _noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
-@contextmanager
-def _plain_objective(trainer):
-    """The metric must see every vector and compare plain losses: PFG dropout and Min-SNR
-    weighting (training choices) are off meanwhile, so validation and eval_pfg.py agree."""
-    options = trainer.options
-    trainer.options = replace(options, pfg_dropout=0.0, min_snr_gamma=0.0)
-    try:
-        yield
-    finally:
-        trainer.options = options
-
-
 @torch.no_grad()
 def denoising_losses(trainer, samples: list[EvalSample], candidates: torch.Tensor, timesteps: list[int], seed: int) -> torch.Tensor:
     """(images, K) mean denoising loss of image i conditioned on sample candidates[i, j]'s
     vector, over `timesteps`, with noise fixed per (seed, image) and shared by its candidates."""
+    # The metric must see every vector and compare plain losses: PFG dropout and Min-SNR weighting
+    # (training choices) are off in this copy of the step, so validation and eval_pfg.py agree.
+    trainer = trainer.for_evaluation()
     param = next(trainer.model.unet.parameters())
     t = torch.tensor(timesteps, dtype=torch.long, device=param.device)
     losses = torch.zeros(candidates.shape, dtype=torch.float64)
-    with _plain_objective(trainer):
-        for i, sample in enumerate(samples):
-            latents = sample.latents.to(param.device, torch.float32).expand(len(timesteps), *sample.latents.shape)
-            noise = _noise(tuple(latents.shape), seed, i).to(param.device)
-            captions = [sample.caption] * len(timesteps)
-            for j, c in enumerate(candidates[i].tolist()):
-                features = samples[c].feature[None].expand(len(timesteps), -1)
-                batch = {"latents": latents, "features": features, "captions": captions}
-                losses[i, j] = float(trainer.loss(batch, timesteps=t, noise=noise))
+    for i, sample in enumerate(samples):
+        latents = sample.latents.to(param.device, torch.float32).expand(len(timesteps), *sample.latents.shape)
+        noise = _noise(tuple(latents.shape), seed, i).to(param.device)
+        captions = [sample.caption] * len(timesteps)
+        for j, c in enumerate(candidates[i].tolist()):
+            features = samples[c].feature[None].expand(len(timesteps), -1)
+            batch = {"latents": latents, "features": features, "captions": captions}
+            losses[i, j] = float(trainer.loss(batch, timesteps=t, noise=noise))
     return losses
 
 

@@ -32,8 +32,19 @@ class SDModel:
     tokenizer_2: object = None  # SDXL: bigG's tokenizer (pads with "!")
 
     @property
+    def family(self):
+        """The ModelFamily strategy (library/models/families): what differs between SD1/SD2/SDXL."""
+        from library.models.families import family_named
+
+        return family_named(self.variant)
+
+    @property
     def is_sdxl(self) -> bool:
         return self.variant == "sdxl"
+
+    def prompt_encoder(self, max_token_length: int = 75, clip_skip: int = 1):
+        """This model's text strategy (library/models/text.py, text_sdxl.py)."""
+        return self.family.prompt_encoder(self, max_token_length, clip_skip)
 
     @property
     def v_prediction(self) -> bool:

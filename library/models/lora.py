@@ -68,10 +68,6 @@ def kohya_name(module_path: str, prefix: str = PREFIX_UNET) -> str:
     return f"{prefix}_{module_path.replace('.', '_')}"
 
 
-def is_sdxl_unet(unet: torch.nn.Module) -> bool:
-    return getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
-
-
 def _layer_paths(root: torch.nn.Module) -> list[str]:
     """Module paths of every Linear/Conv2d, as the plain model names them (peft's wrappers removed)."""
     return [path.removesuffix(".base_layer") for path, module in root.named_modules()
@@ -79,9 +75,12 @@ def _layer_paths(root: torch.nn.Module) -> list[str]:
 
 
 def module_names(unet: torch.nn.Module) -> dict[str, str]:
-    """diffusers module path -> kohya layer name of every LoRA-able UNet layer (SGM names for SDXL)."""
+    """diffusers module path -> kohya layer name of every LoRA-able UNet layer (SGM names for SDXL,
+    whose family says kohya names its layers by the original checkpoint keys)."""
+    from library.models.families import family_of_unet
+
     paths = _layer_paths(unet)
-    if not is_sdxl_unet(unet):
+    if not family_of_unet(unet).lora_names_from_original_keys:
         return {path: kohya_name(path) for path in paths}
     from library.models.ldm_keys import unet_key_map
 
@@ -394,18 +393,7 @@ def apply_lora_files(model, files: list[str], multipliers: list[float]) -> None:
 
 
 def _load_diffusers_lora(model, file: str, name: str) -> None:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if model.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
-            tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=None,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-            scheduler=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    pipe = model.family.pipeline(model, scheduler=None, img2img=False)  # diffusers' LoRA loader lives on pipelines
     try:
         pipe.load_lora_weights(file, adapter_name=name)
     except (ValueError, KeyError, RuntimeError, OSError) as e:

@@ -118,6 +118,8 @@ class PromptEncoder:
     every batch has the same length; longer captions are truncated, as kohya does.
     """
 
+    has_pooled = False  # whether encode_pooled gives pooled vectors (SDXL's encoder does)
+
     def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, max_token_length: int = 75, clip_skip: int = 1):
         if max_token_length not in MAX_TOKEN_LENGTHS:
             raise UserError(f"--max_token_length must be one of 75, 150, 225 (got {max_token_length})")
@@ -219,6 +221,11 @@ class PromptEncoder:
         if weighted:
             z = apply_emphasis(z, chunks.weights)
         return z.reshape(b, n * length, -1)
+
+    def encode_pooled(self, prompts: list[str], weighted: bool = False, num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(states, pooled vectors): SD1/SD2 have no pooled text embedding, so None; SDXL's
+        encoder gives bigG's (B, P) vectors. Callers that need both use this one method."""
+        return self.encode(prompts, weighted, num_chunks), None
 
     def encode(self, prompts: list[str], weighted: bool = False, num_chunks: int | None = None) -> torch.Tensor:
         """Prompts -> (B, 77 * n_chunks, C) states in the text encoder's dtype and device.

@@ -1,4 +1,5 @@
-"""SDXL's conditioning: two text encoders, the pooled bigG vector and the size/crop time ids.
+"""SDXL's text conditioning: two text encoders and the pooled bigG vector (the size/crop time ids
+come with each sample: library/data/dataset.py sdxl_time_ids).
 
 Both encoders see the same 75-token chunks (one tokenization: the vocabularies are the same,
 only the padding differs — CLIP-L pads with EOS, bigG with "!"). Each chunk's states are the
@@ -7,12 +8,6 @@ width C (768 + 1280 = 2048 on real SDXL), as SDXL was trained and as diffusers, 
 compute them; chunks are concatenated along the sequence as for SD1/SD2. The pooled vector is
 bigG's projected EOS state of the first chunk. `--clip_skip` 1 and 2 both mean that penultimate
 layer (kohya ignores clip skip for SDXL); k > 2 takes hidden_states[-k] of both encoders.
-
-The time ids are SDXL's micro-conditioning, (original h, original w, crop top, crop left,
-target h, target w): the image's size before bucketing, the pixels the bucket's center crop cut
-from the top and left of the resized image (the SDXL paper's and diffusers' convention), and the
-bucket size. (kohya's `get_crop_ltrb` reports a letterbox offset instead — for an image cropped
-at the sides it gives a top offset and left 0; we condition on the crop that actually happened.)
 """
 from __future__ import annotations
 
@@ -27,6 +22,8 @@ from library.models.text import PromptEncoder, apply_emphasis
 class SDXLPromptEncoder(PromptEncoder):
     """PromptEncoder for SDXL: `encode` gives the (B, 77*n, C) states; `encode_pooled` adds the
     (B, P) pooled vectors the UNet takes as `text_embeds`."""
+
+    has_pooled = True
 
     def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, tokenizer_2: Any, text_encoder_2: torch.nn.Module,
                  max_token_length: int = 75, clip_skip: int = 1):
@@ -73,22 +70,3 @@ class SDXLPromptEncoder(PromptEncoder):
         if weighted:
             z = apply_emphasis(z, chunks.weights)
         return z.reshape(b, n * length, -1), pooled.reshape(b, n, -1)[:, 0]
-
-
-def time_ids(original_size: tuple[int, int], crop_ltrb: tuple[int, int, int, int], target_size: tuple[int, int]) -> list[int]:
-    """SDXL time ids from (w, h) sizes and the bucket's crop box (left, top, right, bottom):
-    [original h, original w, crop top, crop left, target h, target w]."""
-    return [original_size[1], original_size[0], crop_ltrb[1], crop_ltrb[0], target_size[1], target_size[0]]
-
-
-def generation_time_ids(width: int, height: int) -> list[int]:
-    """What SDXL pipelines condition on by default: an uncropped image of the requested size."""
-    return [height, width, 0, 0, height, width]
-
-
-def make_prompt_encoder(model, max_token_length: int = 75, clip_skip: int = 1) -> PromptEncoder:
-    """The prompt encoder for `model` (an SDModel): SDXL's pair of encoders or the single CLIP."""
-    if getattr(model, "is_sdxl", False):
-        return SDXLPromptEncoder(model.tokenizer, model.text_encoder, model.tokenizer_2, model.text_encoder_2,
-                                 max_token_length, clip_skip)
-    return PromptEncoder(model.tokenizer, model.text_encoder, max_token_length, clip_skip)

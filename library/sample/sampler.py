@@ -25,7 +25,6 @@ from library.errors import UserError
 from library.models.loading import SDModel
 from library.models.pfg import PFGAdapter, append_tokens, combine_features, uncond_tokens
 from library.models.text import PromptEncoder
-from library.models.text_sdxl import make_prompt_encoder
 
 # --sampler name -> (diffusers scheduler class, extra config)
 SAMPLERS: dict[str, tuple[str, dict]] = {
@@ -149,7 +148,7 @@ class PFGSampler:
         self.model = model
         self.adapter = adapter
         self.encoder = encoder
-        self.prompt_encoder = prompt_encoder or make_prompt_encoder(model)
+        self.prompt_encoder = prompt_encoder or model.prompt_encoder()
         self.uncond = uncond
         self.device = torch.device(device)
         self.dtype = dtype
@@ -219,7 +218,7 @@ class PFGSampler:
         prompts = (request.prompt, request.negative_prompt)
         if self._encoded is None or self._encoded[0] != prompts:
             chunks = self.prompt_encoder.chunks_needed(list(prompts), weighted=True)
-            if hasattr(self.prompt_encoder, "encode_pooled"):
+            if self.prompt_encoder.has_pooled:
                 # One prompt at a time, as SDXL pipelines do: a batched projection rounds differently.
                 parts = [self.prompt_encoder.encode_pooled([p], weighted=True, num_chunks=chunks) for p in prompts]
                 encoded = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
@@ -249,24 +248,7 @@ class PFGSampler:
         """The diffusers pipeline around our modules, built once per mode; only the scheduler
         (stateful, cheap) is made fresh for every call."""
         if img2img not in self._pipelines:
-            from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
-                                   StableDiffusionXLPipeline)
-
-            m = self.model
-            if m.is_sdxl:
-                cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-                pipe = cls(
-                    vae=m.vae, text_encoder=m.text_encoder, text_encoder_2=m.text_encoder_2, tokenizer=m.tokenizer,
-                    tokenizer_2=m.tokenizer_2, unet=m.unet, scheduler=make_scheduler(sampler, m.scheduler_config),
-                    add_watermarker=False,
-                )
-            else:
-                cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-                pipe = cls(
-                    vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer,
-                    unet=m.unet, scheduler=make_scheduler(sampler, m.scheduler_config),
-                    safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                )
+            pipe = self.model.family.pipeline(self.model, make_scheduler(sampler, self.model.scheduler_config), img2img)
             pipe.set_progress_bar_config(disable=True)
             self._pipelines[img2img] = pipe
         pipe = self._pipelines[img2img]
@@ -310,7 +292,7 @@ class PFGSampler:
             guidance_scale=request.scale,
             generator=generators,
         )
-        if self.model.is_sdxl:
+        if self.prompt_encoder.has_pooled:  # SDXL: the pooled text embeddings go beside
             cond_pooled, uncond_pooled = self.pooled_embeddings(request)
             kwargs["pooled_prompt_embeds"] = cond_pooled.expand(count, -1).to(self.device, self.dtype)
             kwargs["negative_pooled_prompt_embeds"] = uncond_pooled.expand(count, -1).to(self.device, self.dtype)
@@ -327,7 +309,7 @@ class PFGSampler:
         for array, seed in zip(arrays, seeds):
             if not np.isfinite(array).all():  # would be saved as a black image without a word
                 print(f"warning: the image of seed {seed} has NaN/inf pixels (the model overflowed in {_dtype_name(self.dtype)}); "
-                      "use --dtype bf16 or fp32" + (", or an fp16-safe --vae" if self.model.is_sdxl else ""))
+                      "use --dtype bf16 or fp32" + (", or an fp16-safe --vae" if self.model.family.vae_overflows_in_fp16 else ""))
         return list(zip(pipe.numpy_to_pil(arrays), seeds))  # the pipeline's own conversion to PIL
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,11 +12,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from library.data.dataset import PFGDataset, TrainItem, collate, epoch_batches
+from library.data.dataset import PFGDataset, collate
 from library.errors import UserError
 from library.fileio import replace_dir
 from library.fileio import write_json
+from library.train.plan import EpochPlan
 from library.train.saving import OutputWriter, epoch_tag, step_tag
+from library.train.setup import PreparedTraining
 from library.train.settings import STATE_FILE
 
 
@@ -30,8 +31,6 @@ class Progress:
 
 @dataclass(frozen=True)
 class LoopOptions:
-    max_train_steps: int
-    max_train_epochs: int
     seed: int
     max_grad_norm: float
     save_every_n_steps: int
@@ -39,31 +38,38 @@ class LoopOptions:
     save_state: bool
     dataloader_workers: int
 
+    @classmethod
+    def from_settings(cls, settings) -> "LoopOptions":
+        return cls(settings.seed, settings.max_grad_norm, settings.save_every_n_steps, settings.save_every_n_epochs,
+                   settings.save_state, settings.dataloader_workers)
+
 
 class TrainingDiverged(UserError):
     pass
 
 
 class TrainLoop:
+    """Runs a prepared training to its end: the loop owns nothing it did not get here, complete."""
+
     def __init__(
         self,
         accelerator,
+        prepared: PreparedTraining,
+        trainer,
+        plan: EpochPlan,
         dataset: PFGDataset,
-        items: list[TrainItem],
-        batch_sizes: list[int],
         writer: OutputWriter,
         options: LoopOptions,
         hooks: list | None = None,
     ):
         self.accelerator = accelerator
+        self.model = prepared.model  # the prepared TrainedModules: forward(batch, loss) is the step
+        self.optimizer = prepared.optimizer
+        self.lr_scheduler = prepared.lr_scheduler
+        self.save_template = prepared.save_template  # weightless copy (main process) saving fills
+        self.loss = trainer.loss  # the step, over the same (unwrapped) children as self.model
+        self.plan = plan
         self.dataset = dataset
-        self.items = items
-        self.batch_sizes = batch_sizes
-        # Set by attach() once accelerate has prepared them (the schedule needs total_steps() first).
-        self.model: torch.nn.Module | None = None  # the prepared TrainedModules: forward is the loss
-        self.optimizer = None
-        self.lr_scheduler = None
-        self.save_template: torch.nn.Module | None = None
         self.writer = writer
         self.options = options
         # Things done between steps (training samples, validation): each has after_step(step),
@@ -71,35 +77,6 @@ class TrainLoop:
         self.hooks = hooks or []
         self.progress = Progress()
         self._trained: list[torch.nn.Parameter] | None = None
-
-    def attach(self, model: torch.nn.Module, optimizer, lr_scheduler, save_template: torch.nn.Module | None) -> None:
-        """The prepared TrainedModules, optimizer and schedule; `save_template` is its weightless
-        copy (main process) that saving fills with the gathered full weights."""
-        self.model, self.optimizer, self.lr_scheduler, self.save_template = model, optimizer, lr_scheduler, save_template
-        self._trained = None
-
-    # -- sizes ------------------------------------------------------------------------------
-
-    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """This process's share of the epoch: batch k goes to process k mod world size."""
-        batches = epoch_batches(self.items, self.batch_sizes, self.options.seed, epoch)
-        world = self.accelerator.num_processes
-        per_process = len(batches) // world  # equal counts keep DDP processes in step
-        if per_process == 0:
-            raise UserError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {world} processes")
-        return batches[self.accelerator.process_index :: world][:per_process]
-
-    def batches_left_out(self) -> int:
-        """Batches of an epoch no process takes (fewer than the process count; others each epoch)."""
-        return len(epoch_batches(self.items, self.batch_sizes, self.options.seed, 0)) % self.accelerator.num_processes
-
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.batches_for_epoch(0)) / self.accelerator.gradient_accumulation_steps)
-
-    def total_steps(self) -> int:
-        if self.options.max_train_epochs > 0:
-            return self.options.max_train_epochs * self.steps_per_epoch()
-        return self.options.max_train_steps
 
     # -- state ------------------------------------------------------------------------------
 
@@ -202,13 +179,13 @@ class TrainLoop:
             )
 
     def run(self) -> list[Path]:
-        total = self.total_steps()
+        total = self.plan.total_steps()
         progress = self.progress
         bar = tqdm(total=total, initial=progress.global_step, desc="steps", disable=not self.accelerator.is_local_main_process)
         loss_sum, loss_count = 0.0, 0
         self.model.train()
         while progress.global_step < total:
-            batches = self.batches_for_epoch(progress.epoch)[progress.batch_in_epoch :]
+            batches = self.plan.batches_for_epoch(progress.epoch)[progress.batch_in_epoch :]
             # Its own generator: creating an iterator must not draw from the global RNG, or the
             # noise after a --resume would differ from an uninterrupted run.
             loader = torch.utils.data.DataLoader(
@@ -218,7 +195,7 @@ class TrainLoop:
             for batch in loader:
                 with self.accelerator.accumulate(self.model):
                     with self.accelerator.autocast():
-                        loss = self.model(self._device_batch(batch))
+                        loss = self.model(self._device_batch(batch), self.loss)
                     self._check_finite(loss)
                     self._optimizer_step(loss)
                 progress.batch_in_epoch += 1

@@ -1,12 +1,11 @@
 """Sample images during training (`--sample_prompts FILE --sample_every_n_steps N`), through the
-same sampler as gen_pfg.py. Random state is saved and restored around sampling, so a run with
-samples trains exactly like a run without them."""
+same sampler as gen_pfg.py, over the live weights. Every image draws its noise from its own
+seeded generator (library/sample/sampler.py), never from the global random state, so a run with
+samples trains exactly like a run without them (tests/test_train.py checks both)."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from library.sample.image_outputs import save_png
@@ -22,14 +21,14 @@ def read_sample_requests(prompt_file: str, resolution: tuple[int, int], sampler:
 
 class TrainingSamples:
     def __init__(self, requests: list[SampleRequest], every_n_steps: int, every_n_epochs: int, out_dir: Path,
-                 output_name: str, accelerator, make_sampler):
+                 output_name: str, accelerator, sampler: PFGSampler):
         self.requests = requests
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.out_dir = out_dir
         self.output_name = output_name
         self.accelerator = accelerator
-        self.make_sampler = make_sampler  # () -> PFGSampler over the current (unwrapped) weights
+        self.sampler = sampler  # over the trainer's own (unwrapped, live) modules
 
     def after_step(self, step: int) -> None:
         if self.every_n_steps and step % self.every_n_steps == 0:
@@ -46,8 +45,7 @@ class TrainingSamples:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return []
-        states = _capture_rng()
-        sampler: PFGSampler = self.make_sampler()
+        sampler = self.sampler
         trained = [m for m in (sampler.model.unet, sampler.adapter) if m is not None]
         modes = [m.training for m in trained]
         written = []
@@ -64,20 +62,4 @@ class TrainingSamples:
         finally:
             for m, mode in zip(trained, modes):
                 m.train(mode)
-            _restore_rng(states)
         return written
-
-
-def _capture_rng() -> dict:
-    states = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["random"])
-    np.random.set_state(states["numpy"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])

@@ -4,7 +4,7 @@ training state, and the rotation of intermediate saves. Names follow kohya: `NAM
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,40 +24,63 @@ def epoch_tag(epoch: int) -> str:
     return f"{epoch:06d}"
 
 
-@dataclass
-class OutputWriter:
+@dataclass(frozen=True)
+class OutputSettings:
+    """What a run writes, and where: the train_pfg.py options that shape the outputs."""
+
     output_dir: Path
     output_name: str
-    model: SDModel
-    train_unet: str
-    save_model_as: str
-    save_precision: str
+    train_unet: str  # none | full | lora
+    save_model_as: str  # safetensors | ckpt | diffusers
+    save_precision: str  # float | fp16 | bf16
     save_pfg_pt: bool
     save_last_n: int
-    base_metadata: dict[str, str]  # ss_* training settings
-    encoder_id: str
-    resolution: tuple[int, int]
-    _history: list[list[Path]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings, output_dir: Path) -> "OutputSettings":
+        return cls(output_dir, settings.output_name, settings.train_unet, settings.save_model_as, settings.save_precision,
+                   settings.save_pfg_pt, settings.save_last_n)
+
+
+class OutputWriter:
+    """Writes the save points of one run. `base_metadata` is the run's `ss_*` summary, the same in
+    every file; each save adds its step and epoch."""
+
+    def __init__(self, outputs: OutputSettings, model: SDModel, base_metadata: dict[str, str], encoder_id: str,
+                 resolution: tuple[int, int]):
+        self.outputs = outputs
+        self.model = model
+        self.base_metadata = base_metadata
+        self.encoder_id = encoder_id
+        self.resolution = resolution
+        self._history: list[list[Path]] = []  # intermediate save points, oldest first
+
+    @property
+    def output_dir(self) -> Path:
+        return self.outputs.output_dir
 
     def _name(self, tag: str | None) -> str:
-        return f"{self.output_name}-{tag}" if tag else self.output_name
+        return f"{self.outputs.output_name}-{tag}" if tag else self.outputs.output_name
+
+    def _spec(self, kind: str) -> dict[str, str]:
+        architecture = self.model.family.modelspec_architecture(self.model.v_prediction)
+        return modelspec(architecture, self.model.v_prediction, kind, self.outputs.output_name, self.resolution)
 
     def _metadata(self, kind: str, adapter: PFGAdapter, extra: dict[str, str]) -> dict[str, str]:
-        spec = modelspec(self.model.variant, self.model.v_prediction, kind, self.output_name, self.resolution)
-        return {**self.base_metadata, **extra, **spec, **pfg_metadata(adapter.shape, self.encoder_id)}
+        return {**self.base_metadata, **extra, **self._spec(kind), **pfg_metadata(adapter.shape, self.encoder_id)}
 
     def save(self, adapter: PFGAdapter, unet: torch.nn.Module, tag: str | None, progress: dict[str, int]) -> list[Path]:
-        """Write one save point: the PFG file, and the UNet in full mode."""
-        dtype = SAVE_DTYPES[self.save_precision]
+        """Write one save point: the PFG file, and the UNet in full mode or its LoRA in lora mode."""
+        dtype = SAVE_DTYPES[self.outputs.save_precision]
         name = self._name(tag)
         extra = {f"ss_{k}": str(v) for k, v in progress.items()}
         pfg_path = self.output_dir / f"{name}-pfg.safetensors"
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter.state_dict().items()}
         meta = with_hashes(tensors, self._metadata("pfg", adapter, extra))
-        written = save_pfg(adapter, pfg_path, meta, dtype=dtype, save_pt=self.save_pfg_pt)
-        if self.train_unet == "full":
+        written = save_pfg(adapter, pfg_path, meta, dtype=dtype, save_pt=self.outputs.save_pfg_pt)
+        if self.outputs.train_unet == "full":
             written.append(self._save_unet(unet, name, dtype, self._metadata("", adapter, extra)))
-        elif self.train_unet == "lora":
+        elif self.outputs.train_unet == "lora":
             written.append(self._save_lora(unet, name, dtype, extra))
         return written
 
@@ -65,35 +88,24 @@ class OutputWriter:
         """NAME-lora.safetensors in kohya's layout: it loads alone in A1111, ComfyUI and diffusers."""
         from library.models.lora import save_lora
 
-        spec = modelspec(self.model.variant, self.model.v_prediction, "lora", self.output_name, self.resolution)
-        return save_lora(self.output_dir / f"{name}-lora.safetensors", unet, dtype, {**self.base_metadata, **extra, **spec})
+        return save_lora(self.output_dir / f"{name}-lora.safetensors", unet, dtype, {**self.base_metadata, **extra, **self._spec("lora")})
 
     def _save_unet(self, unet: torch.nn.Module, name: str, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
         import diffusers
 
-        from library.models.checkpoints import save_diffusers, save_single_file
-
         # The model's own scheduler class and config (it carries the prediction type).
         config = self.model.scheduler_config
         scheduler = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler).from_config(config)
-        path = self.output_dir / f"{name}.{self.save_model_as}"
-        if self.model.is_sdxl:
-            from library.models.sdxl_checkpoint import save_sdxl_diffusers, save_sdxl_single_file
-
-            m = self.model
-            if self.save_model_as == "diffusers":
-                return save_sdxl_diffusers(self.output_dir / name, unet, m.vae, m.text_encoder, m.text_encoder_2,
-                                           m.tokenizer, m.tokenizer_2, scheduler, dtype)
-            return save_sdxl_single_file(path, unet, m.vae, m.text_encoder, m.text_encoder_2, dtype, metadata, scheduler)
-        if self.save_model_as == "diffusers":
-            return save_diffusers(self.output_dir / name, unet, self.model.vae, self.model.text_encoder,
-                                  self.model.tokenizer, scheduler, dtype)
-        return save_single_file(path, unet, self.model.vae, self.model.text_encoder, self.model.variant, dtype, metadata, scheduler)
+        family = self.model.family
+        if self.outputs.save_model_as == "diffusers":
+            return family.save_diffusers(self.output_dir / name, self.model, unet, scheduler, dtype)
+        return family.save_single_file(self.output_dir / f"{name}.{self.outputs.save_model_as}", self.model, unet, dtype,
+                                       metadata, scheduler)
 
     def rotate(self, written: list[Path]) -> None:
         """Keep only the last --save_last_n intermediate save points (0 keeps all)."""
         self._history.append(written)
-        while self.save_last_n > 0 and len(self._history) > self.save_last_n:
+        while self.outputs.save_last_n > 0 and len(self._history) > self.outputs.save_last_n:
             for path in self._history.pop(0):
                 remove_output(path)
 

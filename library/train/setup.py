@@ -3,7 +3,9 @@ the optimizer's parameter groups. One function per decision, called in order by 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -108,22 +110,22 @@ class TrainedModules(torch.nn.Module):
     and lora modes, the UNet (`unet`); state dict keys are `adapter.*` and `unet.*`.
 
     One module because DeepSpeed takes a single model, and because DDP and FSDP synchronise
-    gradients only across a forward through their wrapper: `forward` is the whole training step
-    (`step(batch)`, the trainer's loss), which calls the two children inside it."""
+    gradients only across a forward through their wrapper: `forward(batch, loss)` is the whole
+    training step, the trainer's loss (library/train/trainer.py), built over these very children
+    as accelerate left them (see `trained_modules`)."""
 
-    def __init__(self, adapter: PFGAdapter, unet: torch.nn.Module | None, step: Callable[[dict], torch.Tensor] | None = None):
+    def __init__(self, adapter: PFGAdapter, unet: torch.nn.Module | None):
         super().__init__()
         self.adapter = adapter
         if unet is not None:
             self.unet = unet
-        self._step = step  # not a module: outside the state dict
 
     @property
     def trains_unet(self) -> bool:
         return "unet" in self._modules
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self._step(batch)
+    def forward(self, batch: dict, loss: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        return loss(batch)
 
     def meta_copy(self) -> "TrainedModules":
         """The same modules with weightless (meta) tensors: a template that `load_state_dict(...,
@@ -133,6 +135,16 @@ class TrainedModules(torch.nn.Module):
             empty = torch.empty_like(tensor, device="meta")
             memo[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
         return TrainedModules(copy.deepcopy(self.adapter, memo), copy.deepcopy(self.unet, memo) if self.trains_unet else None)
+
+
+@dataclass(frozen=True)
+class PreparedTraining:
+    """What accelerate.prepare returned for a run, and the weightless copy saving fills."""
+
+    model: torch.nn.Module  # the TrainedModules, wrapped for DDP/FSDP/DeepSpeed
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    save_template: TrainedModules | None  # main process only: a weightless copy (see meta_copy)
 
 
 def check_sharding(accelerator, settings: TrainSettings) -> None:
@@ -179,17 +191,18 @@ def fill_deepspeed_config(accelerator, batch_size: int, max_grad_norm: float) ->
         plugin.deepspeed_config["gradient_clipping"] = max_grad_norm
 
 
-def prepare_trained(accelerator, trainer, train_unet: bool, optimizer, lr_scheduler):
+def prepare_trained(accelerator, trained: TrainedModules, optimizer, lr_scheduler) -> PreparedTraining:
     """accelerate.prepare over one TrainedModules (DDP, FSDP or DeepSpeed wrap it as a whole), the
-    optimizer and the schedule; the trainer then calls the prepared module's own children (FSDP
-    may have replaced them by its wrappers). Returns (model, optimizer, lr_scheduler, template):
-    the template (main process only, else None) is the weightless copy saving fills, taken
-    before any wrapper can shard the weights."""
-    trained = TrainedModules(trainer.adapter, trainer.model.unet if train_unet else None, trainer.loss)
+    optimizer and the schedule. The template (main process only) is the weightless copy saving
+    fills, taken before any wrapper can shard the weights."""
     template = trained.meta_copy() if accelerator.is_main_process else None
     model, optimizer, lr_scheduler = accelerator.prepare(trained, optimizer, lr_scheduler)
-    inner = accelerator.unwrap_model(model)
-    trainer.adapter = inner.adapter
-    if inner.trains_unet:
-        trainer.model.unet = inner.unet
-    return model, optimizer, lr_scheduler, template
+    return PreparedTraining(model, optimizer, lr_scheduler, template)
+
+
+def trained_modules(accelerator, prepared: PreparedTraining, model: SDModel) -> tuple[SDModel, PFGAdapter]:
+    """The model and PFG head as they train: the prepared module's own children (FSDP may have
+    replaced them by its wrappers), unwrapped from DDP/DeepSpeed, so that the trainer, training
+    samples and validation all run the live weights. `model` itself is left as it was."""
+    inner = accelerator.unwrap_model(prepared.model)
+    return (dataclasses.replace(model, unet=inner.unet) if inner.trains_unet else model), inner.adapter

@@ -20,12 +20,12 @@ def split_validation(items: list, fraction: float, seed: int) -> tuple[list, lis
 
 
 class TrainingValidation:
-    def __init__(self, samples: list[EvalSample], every_n_steps: int, accelerator, make_trainer,
+    def __init__(self, samples: list[EvalSample], every_n_steps: int, accelerator, trainer,
                  timesteps: int, candidates: int, seed: int):
         self.samples = samples
         self.every_n_steps = every_n_steps
         self.accelerator = accelerator
-        self.make_trainer = make_trainer  # () -> PFGTrainer over the current, unwrapped weights
+        self.trainer = trainer  # the run's PFGTrainer, over the live (unwrapped) modules
         self.timesteps = timesteps
         self.candidates = candidates
         self.seed = seed
@@ -50,7 +50,7 @@ class TrainingValidation:
         self.last_step = step  # on every process (history is the main one's): all must agree on at_end
         if not self.accelerator.is_main_process:
             return None
-        trainer = self.make_trainer()
+        trainer = self.trainer
         modes = [(m, m.training) for m in (trainer.model.unet, trainer.adapter)]
         for module, _ in modes:
             module.eval()
