@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     warning = cpu_bf16_conv_warning(settings, model, bucket_counts(items), accelerator.device)
     if warning:
         accelerator.print(warning)
-    if settings.pfg_pooled and not model.is_sdxl:
-        raise UserError(f"--pfg_pooled needs an SDXL model; {settings.pretrained_model_name_or_path} is {model.variant}")
     prompt_encoder = model.prompt_encoder(settings.max_token_length, settings.clip_skip)
+    if settings.pfg_pooled and not prompt_encoder.has_pooled:
+        raise UserError(f"--pfg_pooled needs an SDXL model (a pooled text embedding); {settings.pretrained_model_name_or_path} is {model.variant}")
     pooled_dim = prompt_encoder.pooled_width if settings.pfg_pooled else 0
     adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device, pooled_dim)
     dataset = PFGDataset(items, features, latents)

@@ -194,6 +194,22 @@ def test_long_prompts_are_encoded_in_75_token_chunks(kit, sd1_sampler, words, ch
     assert images[0][0].size == (64, 64)
 
 
+@pytest.mark.parametrize("img2img", [False, True])
+def test_sampling_leaves_the_global_random_state_alone(kit, sd1_sampler, img2img):
+    """Every sampler draws its noise only from the per-image seeded generators, so training samples
+    (library/train/samples.py) cannot shift the training run's random stream."""
+    import random
+
+    init = str(kit["init"]) if img2img else ""
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    for name in SAMPLERS:
+        sd1_sampler.generate(SampleRequest(prompt="a cat", width=64, height=64, steps=2, sampler=name, init_image=init,
+                                           strength=1.0, guides=(Guide(str(kit["g0"])),)))
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
+
+
 def test_uncond_padding_and_negative_tokens(kit, sd1_sampler):
     guides = (Guide(str(kit["g0"])),)
     cond, uncond = sd1_sampler.embeddings(SampleRequest(prompt="a cat", guides=guides, pfg_scale=0.5))

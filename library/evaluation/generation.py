@@ -6,7 +6,7 @@ import torch
 
 from library.data.images import load_image
 from library.evaluation.metrics import generation_retrieval
-from library.sample.sampler import Guide, PFGSampler, SampleRequest
+from library.sample.sampler import Guide, PFGSampler, SampleRequest, canonical_sampler
 
 
 def generation_metrics(settings, model, adapter, encoder, second, prompt_encoder, items, features, device, dtype):
@@ -19,7 +19,7 @@ def generation_metrics(settings, model, adapter, encoder, second, prompt_encoder
     for i, item in enumerate(items):
         request = sampler.sized(SampleRequest(
             prompt=settings.prompt, negative_prompt=settings.negative_prompt, width=settings.W, height=settings.H,
-            steps=settings.steps, scale=settings.scale, seed=settings.seed + i * per_guide, sampler=settings.sampler,
+            steps=settings.steps, scale=settings.scale, seed=settings.seed + i * per_guide, sampler=canonical_sampler(settings.sampler),
             pfg_scale=settings.pfg_scale, guides=(Guide(str(item.image_path)),),
         ))
         sizes.append(f"{request.width}x{request.height}")
