@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(
         mixed_precision=settings.mixed_precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step (library/train/loop.py)
         log_with=trackers(settings),
         project_dir=settings.logging_dir or None,
     )

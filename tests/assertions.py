@@ -18,3 +18,17 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def assert_same_output(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Two state dicts (files) hold the same, non-empty set of tensors, bit for bit."""
+    assert a, "no tensors to compare"
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:10]
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, differing[:10]
+
+
+def assert_tensors_differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Same non-empty set of tensors, and at least one of them differs."""
+    assert a and a.keys() == b.keys(), sorted(set(a) ^ set(b))[:10]
+    assert any(not torch.equal(a[k], b[k]) for k in a)

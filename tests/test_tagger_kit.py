@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from library.models.image_encoders import load_encoder
+from tests.assertions import assert_same_tensors
 from tools.make_tiny_tagger import build_tiny_tagger, load_torch_tagger
 
 
@@ -85,4 +86,4 @@ def test_build_is_deterministic_and_idempotent(tiny_tagger, tmp_path):
     other = build_tiny_tagger(tmp_path / "again", seed=0)
     a = torch.load(tiny_tagger / "torch_model.pt", weights_only=True)
     b = torch.load(other / "torch_model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(a, b)

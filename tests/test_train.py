@@ -1,6 +1,7 @@
 """train_pfg.py through its entry points, on the tiny models and the prepared demo dataset."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,8 @@ from safetensors.torch import load_file
 import train_pfg
 from library.errors import UserError
 from library.models.pfg import PFGAdapter, PFGShape, load_pfg, pfg_metadata, save_pfg
-from tests.dataset_copies import small_dataset_copy
+from tests.assertions import assert_same_tensors, assert_tensors_differ
+from tests.dataset_copies import one_bucket_dataset, small_dataset_copy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,10 +131,9 @@ def test_resume_continues_exactly(tiny_sd1, prepared_dataset, tmp_path):
     straight = load_file(str(tmp_path / "straight" / "t-pfg.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "t-pfg.safetensors"))
     half = load_file(str(tmp_path / "half" / "t-pfg.safetensors"))
-    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert not all(torch.equal(straight[k], half[k]) for k in straight)
-    unet_a, unet_b = _unet_tensors(tmp_path / "straight" / "t.safetensors"), _unet_tensors(tmp_path / "resumed" / "t.safetensors")
-    assert all(torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    assert_same_tensors(straight, resumed)
+    assert_tensors_differ(straight, half)
+    assert_same_tensors(_unet_tensors(tmp_path / "straight" / "t.safetensors"), _unet_tensors(tmp_path / "resumed" / "t.safetensors"))
     # a state of another mode is refused with the folder named, not a traceback
     with pytest.raises(UserError, match=r"--resume .*t-state: this state does not fit the current run"):
         _train(tiny_sd1, prepared_dataset, tmp_path / "other", "--train_unet", "lora", "--pfg_num_tokens", "2",
@@ -226,6 +227,61 @@ def test_bad_flags_print_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in result.stderr and "error:" in result.stderr and "none" in result.stderr
 
 
+def _state_progress(state: Path) -> dict:
+    return json.loads((state / "train_state.json").read_text())
+
+
+def test_accumulation_ends_each_epoch_with_an_optimizer_step(tiny_sd1, prepared_dataset, tmp_path):
+    """3 batches per epoch, --gradient_accumulation_steps 2: an epoch is 2 optimizer steps (the last
+    group holds one batch), --max_train_epochs 2 is exactly 4 steps, an epoch save falls on a step
+    (nothing half-accumulated), and resuming from it equals the straight run, schedule included."""
+    dataset = one_bucket_dataset(prepared_dataset, tmp_path / "data", 6, batch_size=2)
+    common = ["--train_unet", "full", "--pfg_num_tokens", "2", "--optimizer_type", "AdamW", "--gradient_accumulation_steps", "2",
+              "--max_train_epochs", "2", "--lr_scheduler", "linear", "--save_state"]
+    _train(tiny_sd1, dataset, tmp_path / "straight", *common, "--save_every_n_epochs", "1")
+    epoch_save = tmp_path / "straight" / "t-000001-state"
+    assert _state_progress(epoch_save) == {"epoch": 1, "global_step": 2, "batch_in_epoch": 0}
+    assert _state_progress(tmp_path / "straight" / "t-state") == {"epoch": 1, "global_step": 4, "batch_in_epoch": 3}
+    meta = load_pfg(tmp_path / "straight" / "t-pfg.safetensors")[1]
+    assert meta["ss_max_train_steps"] == "4" and meta["ss_num_epochs"] == "2" and meta["ss_num_batches_per_epoch"] == "3"
+    # linear decay from 1e-2 (the PFG head's rate) over 4 steps: 3/4 of it after step... 2 of 4 is half
+    lr_after_epoch = torch.load(epoch_save / "scheduler.bin", weights_only=True)["_last_lr"]
+    assert lr_after_epoch == pytest.approx([1e-2 * 2 / 4, 1e-3 * 2 / 4])
+
+    _train(tiny_sd1, dataset, tmp_path / "resumed", *common, "--resume", str(epoch_save))
+    assert _state_progress(tmp_path / "resumed" / "t-state") == _state_progress(tmp_path / "straight" / "t-state")
+    for name in ("t-pfg.safetensors", "t.safetensors"):
+        assert_same_tensors(load_file(str(tmp_path / "straight" / name)), load_file(str(tmp_path / "resumed" / name)))
+
+
+def test_accumulation_equals_a_k_times_larger_batch(tiny_sd1, prepared_dataset, tmp_path, monkeypatch):
+    """k batches of 1 accumulated make the same optimizer steps as batches of k, the epoch's short
+    last group included (its loss is the mean of the batches in it, as a short batch's is). The
+    samples are copies of one image with the noise, timestep and latents pinned, so only the
+    grouping differs; plain SGD without clipping shows any difference in gradient scale."""
+    from library.train.trainer import PFGTrainer
+
+    real_loss = PFGTrainer.loss
+    fixed = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def pinned(self, batch, timesteps=None, noise=None):
+        count = batch["latents"].shape[0]
+        batch = {**batch, "latents": fixed.expand(count, -1, -1, -1)}
+        return real_loss(self, batch, torch.full((count,), 500), (0.5 * fixed).expand(count, -1, -1, -1))
+
+    monkeypatch.setattr(PFGTrainer, "loss", pinned)
+    common = ["--train_unet", "none", "--pfg_num_tokens", "2", "--optimizer_type", "torch.optim.SGD", "--pfg_learning_rate", "0.5",
+              "--max_grad_norm", "0", "--max_train_steps", "4", "--cache_latents"]
+    for name, batch_size, k in (("accumulated", 1, "2"), ("batched", 2, "1")):
+        dataset = one_bucket_dataset(prepared_dataset, tmp_path / f"data-{name}", 3, batch_size=batch_size, same_image=True)
+        _train(tiny_sd1, dataset, tmp_path / name, *common, "--gradient_accumulation_steps", k, "--save_state")
+        assert _state_progress(tmp_path / name / "t-state") == {"epoch": 1, "global_step": 4, "batch_in_epoch": -(-3 // batch_size)}
+    accumulated, batched = (load_file(str(tmp_path / name / "t-pfg.safetensors")) for name in ("accumulated", "batched"))
+    assert accumulated.keys() == batched.keys()
+    for key in accumulated:
+        torch.testing.assert_close(accumulated[key], batched[key], rtol=1e-4, atol=1e-6)
+
+
 def test_samples_and_tensorboard_during_training(tiny_sd1, prepared_dataset, tiny_tagger, demo_dataset, tmp_path):
     prompts = tmp_path / "prompts.txt"
     guide = demo_dataset / "images" / "ruby_00.png"
@@ -241,7 +297,7 @@ def test_samples_and_tensorboard_during_training(tiny_sd1, prepared_dataset, tin
     _train(tiny_sd1, prepared_dataset, tmp_path / "without", "--train_unet", "none", "--max_train_steps", "2", "--pfg_num_tokens", "2")
     a = load_file(str(tmp_path / "with" / "t-pfg.safetensors"))
     b = load_file(str(tmp_path / "without" / "t-pfg.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(a, b)
 
 
 def test_sample_prompt_errors_come_first(tmp_path, prepared_dataset):

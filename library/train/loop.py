@@ -157,13 +157,31 @@ class TrainLoop:
             self._trained = parameters if fsdp else [p for p in parameters if p.requires_grad]
         return self._trained
 
-    def _optimizer_step(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def _optimizer_step(self, loss: torch.Tensor, group_size: int) -> None:
+        """Backward of one batch; at the end of its accumulation group, the optimizer step and one
+        step of the schedule. accelerate divides every batch's loss by k
+        (--gradient_accumulation_steps); an epoch's last group may hold m < k batches, and is
+        scaled by k / m so that its step, too, follows the mean loss of the batches in it."""
+        k = self.accelerator.gradient_accumulation_steps
+        self.accelerator.backward(loss * (k / group_size) if group_size < k else loss)
         if self.accelerator.sync_gradients and self.options.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self._trained_parameters(), self.options.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        self.optimizer.step()  # accelerate steps only at the end of an accumulation group
+        if self.accelerator.sync_gradients and not self.optimizer.step_was_skipped:
+            # Once per optimizer step, whatever the process count: the Accelerator is made with
+            # step_scheduler_with_optimizer=False, because accelerate's own stepping advances the
+            # schedule num_processes times per step (for data loaders it shards itself, which
+            # ours are not), ending warmup and decay N times too early. Under DeepSpeed the engine
+            # steps the schedule itself, and this call is accelerate's no-op.
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _group_size(self, epoch_batches: int, position: int) -> int:
+        """Batches in the accumulation group of the epoch's batch `position`: k, or fewer for the
+        epoch's last group (which still ends in an optimizer step)."""
+        k = self.accelerator.gradient_accumulation_steps
+        start = position - position % k
+        return min(k, epoch_batches - start)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf loss, on every process together: each one's loss is shared, so no
@@ -178,6 +196,20 @@ class TrainLoop:
                 "stopping. The last saved checkpoint is intact; lower the learning rate or use another precision"
             )
 
+    def _epoch_loader(self, batches: list[list[tuple[int, int]]], epoch: int):
+        """The epoch's batches as accelerate's DataLoaderShard (without any sharding or device
+        placement of its own: the plan already gave this process its share). It tells accelerate
+        where the epoch ends, so `accumulate` makes the epoch's last, shorter group an optimizer
+        step: an epoch is ceil(batches / k) steps, and epoch saves fall on a step. Its own
+        generator: creating an iterator must not draw from the global RNG, or the noise after a
+        --resume would differ from an uninterrupted run."""
+        from accelerate.data_loader import DataLoaderShard
+
+        return DataLoaderShard(
+            self.dataset, device=None, batch_sampler=batches, collate_fn=collate, num_workers=self.options.dataloader_workers,
+            generator=torch.Generator().manual_seed(self.options.seed + epoch),
+        )
+
     def run(self) -> list[Path]:
         total = self.plan.total_steps()
         progress = self.progress
@@ -185,19 +217,15 @@ class TrainLoop:
         loss_sum, loss_count = 0.0, 0
         self.model.train()
         while progress.global_step < total:
-            batches = self.plan.batches_for_epoch(progress.epoch)[progress.batch_in_epoch :]
-            # Its own generator: creating an iterator must not draw from the global RNG, or the
-            # noise after a --resume would differ from an uninterrupted run.
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.options.dataloader_workers,
-                generator=torch.Generator().manual_seed(self.options.seed + progress.epoch),
-            )
+            epoch_batches = self.plan.batches_for_epoch(progress.epoch)
+            loader = self._epoch_loader(epoch_batches[progress.batch_in_epoch :], progress.epoch)
             for batch in loader:
+                group = self._group_size(len(epoch_batches), progress.batch_in_epoch)
                 with self.accelerator.accumulate(self.model):
                     with self.accelerator.autocast():
                         loss = self.model(self._device_batch(batch), self.loss)
                     self._check_finite(loss)
-                    self._optimizer_step(loss)
+                    self._optimizer_step(loss, group)
                 progress.batch_in_epoch += 1
                 loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
                 if not self.accelerator.sync_gradients:
@@ -213,6 +241,7 @@ class TrainLoop:
                 if every and progress.global_step % every == 0 and progress.global_step < total:
                     self._save_point(step_tag(progress.global_step))
                 if progress.global_step >= total:
+                    loader.end()  # leave accelerate's record of the epoch's loader, as its end would
                     break
             else:  # the epoch ran to its end
                 progress.epoch += 1
