@@ -73,3 +73,36 @@ def tiny_sdxl(kit_dir) -> Path:
     from tools.make_tiny_sd import build_tiny_sd
 
     return build_tiny_sd(kit_dir / "tiny-sdxl", variant="sdxl", seed=0)
+
+
+class NetworkAttempted(BaseException):
+    """Raised by `network_blocked`: a BaseException, so no `except Exception`/`except OSError` in
+    the code under test can swallow the attempt and carry on."""
+
+
+@pytest.fixture
+def network_blocked(monkeypatch):
+    """Sockets and the hub's download functions record any use and raise NetworkAttempted; the test
+    then also fails at teardown if anything tried, even where the code under test caught it."""
+    import socket
+
+    import huggingface_hub
+
+    attempts: list[str] = []
+
+    def blocker(name):
+        def blocked(*args, **kwargs):
+            attempts.append(name)
+            raise NetworkAttempted(f"network access in an offline test: {name}")
+        return blocked
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, blocker(f"socket.{name}"))
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, blocker(name))
+    for name in ("hf_hub_download", "snapshot_download", "model_info"):
+        monkeypatch.setattr(huggingface_hub, name, blocker(f"huggingface_hub.{name}"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield attempts
+    assert attempts == [], f"the code under test tried the network: {attempts}"
