@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from library.errors import UserError, run_cli
 
@@ -38,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from library.train.optim import build_optimizer
     from library.train.plan import EpochPlan
     from library.train.saving import OutputSettings, OutputWriter
+    from library.fileio import write_text
+    from library.train.interrupt import StopRequest
     from library.train.setup import (
         TrainedModules, build_adapter, check_output_dir, check_sharding, cpu_bf16_conv_warning, fill_deepspeed_config,
-        parameter_groups, prepare_sd_model, prepare_trained, trained_modules,
+        parameter_groups, prepare_sd_model, prepare_trained, process_group_kwargs, resume_point, trained_modules,
     )
     from library.train.summary import run_summary
     from library.train.trainer import PFGTrainer, StepOptions
@@ -52,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         step_scheduler_with_optimizer=False,  # the loop steps the schedule once per optimizer step (library/train/loop.py)
         log_with=trackers(settings),
         project_dir=settings.logging_dir or None,
+        kwargs_handlers=process_group_kwargs(settings),
     )
     check_sharding(accelerator, settings)
+    resume = resume_point(accelerator, settings, output_dir)
     set_seed(settings.seed)
 
     # 2. Images, buckets, captions and PFG vectors.
@@ -112,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         # GPU would pick the same timesteps at every step); the weights were made alike above, and
         # DDP starts every process from the main one's anyway. One process keeps its usual stream.
         set_seed(settings.seed, device_specific=True)
-    loop = TrainLoop(accelerator, prepared, trainer, plan, dataset, writer, LoopOptions.from_settings(settings), hooks)
-    if settings.resume:
-        loop.load_state(Path(settings.resume))
+    stop = StopRequest(sys.argv[1:] if argv is None else list(argv), settings.save_on_signal_timeout, accelerator.print)
+    loop = TrainLoop(accelerator, prepared, trainer, plan, dataset, writer, LoopOptions.from_settings(settings), hooks, stop)
+    if resume is not None:
+        loop.load_state(resume)
     if accelerator.log_with:
         accelerator.init_trackers(settings.output_name, config={k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
     if accelerator.is_main_process:
-        (output_dir / f"{settings.output_name}-settings.toml").write_text(settings_to_toml(settings))
+        write_text(output_dir / f"{settings.output_name}-settings.toml", settings_to_toml(settings))
     accelerator.print(f"training {settings.train_unet!r} on {accelerator.num_processes} process(es): {total_steps} steps, {len(items)} images, "
                       f"{summary['ss_num_epochs']} epochs")
     left_out = plan.batches_left_out()

@@ -9,6 +9,24 @@ class UserError(Exception):
     """A problem with the user's input (file, flag, config). The message names the file and what is wrong."""
 
 
+class Stop(Exception):
+    """A run that ended early on purpose (a signal): the message says what was saved and how to
+    continue; the exit status is `exit_code` (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopAtOnce(BaseException):
+    """Leave now (a second signal): not an Exception, so no handler on the way swallows it; atomic
+    writes still remove their temporary files as it passes."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(); a UserError prints `error: ...` and exits with status 2."""
     from library import quiet
@@ -20,6 +38,13 @@ def run_cli(main: Callable[[], int | None]) -> None:
         print(f"error: {e}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
+    except Stop as e:
+        print(e, file=sys.stderr)
+        _leave_process_group()
+        sys.exit(e.exit_code)
+    except StopAtOnce as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,15 +1,98 @@
 """Atomic file writes: every output goes to a temporary name and is renamed into place,
-so a crash never leaves a half-written file behind."""
+so a crash never leaves a half-written file behind; a full disk or a read-only folder is said
+in one line naming the file and the free space (WriteFailed), with the partial file removed."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from library.errors import UserError
+
+# errno values that mean "this disk or folder cannot take the file", not a bug
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+LOW_SPACE = 1 << 20  # bytes available at the moment of a failure below which the disk counts as full
+
+
+class WriteFailed(UserError):
+    """A file or folder could not be written because of its file system (full, read-only, not
+    permitted). The message names the path, the reason and the space left."""
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What writers raise when the disk fails them: OSError (numpy, Pillow, open), RuntimeError
+    (torch.save: "PytorchStreamWriter failed writing file"), SafetensorError (safetensors)."""
+    from safetensors import SafetensorError
+
+    return (OSError, RuntimeError, SafetensorError)
+
+
+def _existing_folder(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _mount_point(folder: Path) -> Path:
+    while not os.path.ismount(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def write_failure(path: str | os.PathLike, error: BaseException) -> WriteFailed | None:
+    """A WriteFailed for `path` when `error` (raised while writing it) comes from its file system:
+    a disk errno, a folder not writable, or (for writers that hide the errno) next to no space left
+    at the moment of the failure; None for any other error, which is then a bug to show as one."""
+    folder = _existing_folder(Path(path).parent)
+    code = getattr(error, "errno", None)
+    if code is None:  # safetensors says "No space left on device (os error 28)" in its message
+        found = re.search(r"os error (\d+)", str(error))
+        code = int(found.group(1)) if found else None
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    writable = os.access(folder, os.W_OK)
+    if code in DISK_ERRNOS:
+        reason = os.strerror(code)
+    elif not writable:
+        reason = "the folder is not writable"
+    elif free is not None and free < LOW_SPACE:
+        reason = "no space left on device"
+    else:
+        return None
+    space = f"{human_bytes(free)} free on {_mount_point(folder)}" if free is not None else "free space unknown"
+    return WriteFailed(f"cannot write {path}: {reason} ({space})")
+
+
+@contextmanager
+def failures_said(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a file-system failure while writing `path` into WriteFailed; other errors pass."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except _write_errors() as e:
+        failure = write_failure(path, e)
+        if failure is None:
+            raise
+        raise failure from e
 
 
 def _umask() -> int:
@@ -26,15 +109,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     (numpy.savez) append one when it is missing.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = suffix if suffix is not None else "".join(path.suffixes[-1:])
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
+    with failures_said(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = suffix if suffix is not None else "".join(path.suffixes[-1:])
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
+        with failures_said(path):  # judged while the partial file still takes its space
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -44,11 +129,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` (a folder)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with failures_said(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        replace_dir(tmp, path)
+        with failures_said(path):
+            yield tmp
+            replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -78,5 +165,10 @@ def file_hash(path: str | os.PathLike, length: int = 12) -> str:
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
     """`data` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """A text file (UTF-8), atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2))
+        tmp.write_text(text, encoding="utf-8")

@@ -142,9 +142,14 @@ def test_resume_continues_exactly(tiny_sd1, prepared_dataset, tmp_path):
 
 def test_intermediate_saves_rotate(tiny_sd1, prepared_dataset, tmp_path):
     _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "none", "--max_train_steps", "6",
-           "--pfg_num_tokens", "2", "--save_every_n_steps", "2", "--save_last_n", "1", "--save_pfg_pt")
+           "--pfg_num_tokens", "2", "--save_every_n_steps", "2", "--save_last_n", "1", "--save_pfg_pt", "--save_precision", "fp16")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["t-pfg.pt", "t-pfg.safetensors", "t-settings.toml", "t-step00000004-pfg.pt", "t-step00000004-pfg.safetensors"]
+    # the .pt is fp32 whatever --save_precision says: the original loaders crash on half-precision weights
+    pt, safetensors = torch.load(tmp_path / "t-pfg.pt", weights_only=True), load_file(str(tmp_path / "t-pfg.safetensors"))
+    assert pt.keys() == safetensors.keys() and {v.dtype for v in pt.values()} == {torch.float32}
+    assert {v.dtype for v in safetensors.values()} == {torch.float16}
+    assert all(torch.equal(pt[k].half(), safetensors[k]) for k in pt)
 
 
 def test_config_file_supplies_flags_and_unknown_keys_suggest(tiny_sd1, prepared_dataset, tmp_path):
@@ -186,10 +191,12 @@ def test_divergence_stops_with_a_message(tiny_sd1, prepared_dataset, tmp_path, m
     real_gather = Accelerator.gather
 
     def gather(self, tensor):
-        gathered.append(tensor.shape)
         out = real_gather(self, tensor)
+        if tensor.shape != (1, 2):  # not the per-batch (loss, signal) share: a save point's agreement
+            return out
+        gathered.append(tensor.shape)
         if where == "another process" and len(gathered) >= 2:  # step 2: the other process diverged
-            out = torch.cat([out, out.new_tensor([float("nan")])])
+            out = torch.cat([out, out.new_tensor([[float("nan"), 0.0]])])  # its (loss, signal) row
         return out
 
     monkeypatch.setattr(Accelerator, "gather", gather)
@@ -198,7 +205,7 @@ def test_divergence_stops_with_a_message(tiny_sd1, prepared_dataset, tmp_path, m
     message = "loss became" if where == "here" else r"loss became nan on process 1 at step 2 \(epoch 1\)"
     with pytest.raises(UserError, match=message):
         _train(tiny_sd1, prepared_dataset, tmp_path, "--train_unet", "full", "--max_train_steps", "5", "--pfg_num_tokens", "1", *flags)
-    assert gathered and gathered[0] == (1,)  # every step's loss went through the shared check
+    assert gathered and gathered[0] == (1, 2)  # every step's loss (and signal) went through the shared check
     assert not (tmp_path / "t-pfg.safetensors").exists()
     if where == "another process":
         assert (tmp_path / "t-step00000001-pfg.safetensors").is_file() and (tmp_path / "t-step00000001.safetensors").is_file()

@@ -218,7 +218,10 @@ def save_pfg(
     dtype: torch.dtype | None = None,
     save_pt: bool = False,
 ) -> list[Path]:
-    """Write `NAME-pfg.safetensors` (and `NAME-pfg.pt` when asked), atomically."""
+    """Write `NAME-pfg.safetensors` in `dtype` (and `NAME-pfg.pt` when asked), atomically.
+
+    The `.pt` is always fp32 (it is small): the original pfg-webui and pfg-ComfyUI loaders feed it
+    fp32 vectors and crash on half-precision weights (`addmv input tensors must have the same dtype`)."""
     path = Path(path)
     state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -227,6 +230,6 @@ def save_pfg(
     if save_pt:
         pt_path = path.with_suffix(".pt")
         with atomic_path(pt_path) as tmp:
-            torch.save(state, tmp)
+            torch.save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.state_dict().items()}, tmp)
         written.append(pt_path)
     return written

@@ -1,12 +1,9 @@
-"""The training loop: epochs of bucketed batches, optimizer steps through accelerate, save
-points, resumable state and progress display. The step itself is `PFGTrainer.loss`, run as the
-forward of the prepared TrainedModules (library/train/setup.py)."""
+"""The training loop: epochs of bucketed batches, optimizer steps through accelerate, save points
+(library/train/save_points.py), stopping on a signal, and progress display. The step itself is
+`PFGTrainer.loss`, run as the forward of the prepared TrainedModules (library/train/setup.py)."""
 from __future__ import annotations
 
-import copy
-import json
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,19 +11,11 @@ from tqdm import tqdm
 
 from library.data.dataset import PFGDataset, collate
 from library.errors import UserError
-from library.fileio import replace_dir
-from library.fileio import write_json
+from library.train.interrupt import StopRequest, ignore_in_workers
 from library.train.plan import EpochPlan
+from library.train.save_points import Progress, SaveFailed, SavePoints
 from library.train.saving import OutputWriter, epoch_tag, step_tag
 from library.train.setup import PreparedTraining
-from library.train.settings import STATE_FILE
-
-
-@dataclass
-class Progress:
-    epoch: int = 0  # the epoch in progress (0-based)
-    global_step: int = 0  # optimizer steps done
-    batch_in_epoch: int = 0  # batches of this process consumed in the current epoch
 
 
 @dataclass(frozen=True)
@@ -37,11 +26,12 @@ class LoopOptions:
     save_every_n_epochs: int
     save_state: bool
     dataloader_workers: int
+    continue_on_save_error: bool = False
 
     @classmethod
     def from_settings(cls, settings) -> "LoopOptions":
         return cls(settings.seed, settings.max_grad_norm, settings.save_every_n_steps, settings.save_every_n_epochs,
-                   settings.save_state, settings.dataloader_workers)
+                   settings.save_state, settings.dataloader_workers, settings.continue_on_save_error)
 
 
 class TrainingDiverged(UserError):
@@ -61,12 +51,13 @@ class TrainLoop:
         writer: OutputWriter,
         options: LoopOptions,
         hooks: list | None = None,
+        stop: StopRequest | None = None,
     ):
         self.accelerator = accelerator
         self.model = prepared.model  # the prepared TrainedModules: forward(batch, loss) is the step
         self.optimizer = prepared.optimizer
         self.lr_scheduler = prepared.lr_scheduler
-        self.save_template = prepared.save_template  # weightless copy (main process) saving fills
+        self.saves = SavePoints(accelerator, prepared, writer)
         self.loss = trainer.loss  # the step, over the same (unwrapped) children as self.model
         self.plan = plan
         self.dataset = dataset
@@ -76,71 +67,29 @@ class TrainLoop:
         # after_epoch(epoch, step) and at_end(step).
         self.hooks = hooks or []
         self.progress = Progress()
+        self.stop = stop  # SIGTERM/SIGINT: save and stop after the current step (None: no handlers)
         self._trained: list[torch.nn.Parameter] | None = None
 
-    # -- state ------------------------------------------------------------------------------
-
-    def save_state(self, folder: Path) -> None:
-        """accelerate's state (every process writes its own RNG file, and under FSDP/DeepSpeed its
-        shards) into one temporary folder all processes share, renamed into place when complete."""
-        accelerator = self.accelerator
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_json(tmp / STATE_FILE, asdict(self.progress))
-            replace_dir(tmp, folder)
-        accelerator.wait_for_everyone()
+    # -- state and save points ---------------------------------------------------------------
 
     def load_state(self, folder: Path) -> None:
-        folder = Path(folder)  # a state folder: TrainSettings.validate checked it before any model loaded
+        self.progress = self.saves.load_state(folder)
+
+    def _save_point(self, tag: str | None, with_state: bool | None = None, periodic: bool = True) -> list[Path]:
+        """Save outputs (and state); a periodic point the disk refuses may be skipped with
+        --continue_on_save_error (tried again at the next one), otherwise the run stops, its
+        previous outputs and states intact."""
+        with_state = self.options.save_state if with_state is None else with_state
         try:
-            self.accelerator.load_state(str(folder))
-        except (RuntimeError, ValueError, KeyError) as e:  # other modules, shapes or optimizer groups
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"--resume {folder}: this state does not fit the current run ({reason}); resume with the settings "
-                "it was saved with (its NAME-settings.toml) or start without --resume"
-            ) from None
-        self.progress = Progress(**json.loads((folder / STATE_FILE).read_text()))
-        self.accelerator.print(f"resuming from {folder}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    def _save_point(self, tag: str | None) -> list[Path]:
-        """Save outputs (and state) on the main process; intermediate points rotate."""
-        self.accelerator.wait_for_everyone()
-        written: list[Path] = []
-        if self.options.save_state:
-            state = self.writer.state_dir(tag)
-            self.save_state(state)  # every process takes part in accelerate's save_state
-            written.append(state)
-        weights = self.full_weights()
-        if self.accelerator.is_main_process:
-            unet = weights.unet if weights.trains_unet else None
-            written = self.writer.save(weights.adapter, unet, tag, {"steps": self.progress.global_step, "epoch": self.progress.epoch}) + written
-            if tag is not None:
-                self.writer.rotate(written)
-        return written
-
-    def full_weights(self) -> torch.nn.Module | None:
-        """The trained modules holding their full weights (main process; None elsewhere). Every
-        process must call this: under FSDP or DeepSpeed ZeRO-3 each holds a shard, and
-        accelerate's get_state_dict gathers them. Elsewhere it is the live state dict, no copy."""
-        try:
-            state = self.accelerator.get_state_dict(self.model)
-        except ValueError as e:  # ZeRO-3 without stage3_gather_16bit_weights_on_model_save
-            raise UserError(f"cannot gather the full weights to save them ({e}); with DeepSpeed ZeRO-3 set "
-                            "zero3_save_16bit_model: true in the accelerate config") from None
-        if not self.accelerator.is_main_process:
-            return None
-        weights = copy.deepcopy(self.save_template)  # weightless: cheap
-        weights.load_state_dict(state, strict=True, assign=True)
-        return weights
+            return self.saves.save(self.progress, tag, with_state)
+        except SaveFailed as e:
+            if periodic and self.options.continue_on_save_error:
+                self.accelerator.print(f"warning: {e}; training goes on (--continue_on_save_error) and saves again "
+                                       "at the next save point")
+                return []
+            newest = self.saves.newest_state()
+            resume = f"; the newest complete state is {newest}: make room, then rerun with --resume latest" if newest else ""
+            raise UserError(f"{e}; training stopped at step {self.progress.global_step}{resume}") from None
 
     def _device_batch(self, batch: dict) -> dict:
         device = self.accelerator.device
@@ -183,10 +132,16 @@ class TrainLoop:
         start = position - position % k
         return min(k, epoch_batches - start)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """Stop on a NaN/inf loss, on every process together: each one's loss is shared, so no
-        process waits forever in the next collective for one that stopped alone."""
-        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+    def _share(self, loss: torch.Tensor) -> None:
+        """Every process learns every loss and every signal received, each batch: a NaN/inf loss
+        stops all of them together, and a signal stops all after the same step, so no process
+        waits forever in a collective for one that stopped alone."""
+        signum = self.stop.local_signal() if self.stop is not None else 0
+        mine = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(signum), device=loss.device)])
+        shared = self.accelerator.gather(mine.reshape(1, 2))
+        if self.stop is not None:
+            self.stop.agree(int(shared[:, 1].max()))
+        losses = shared[:, 0]
         finite = torch.isfinite(losses)
         if not bool(finite.all()):
             progress = self.progress
@@ -205,55 +160,95 @@ class TrainLoop:
         --resume would differ from an uninterrupted run."""
         from accelerate.data_loader import DataLoaderShard
 
+        workers = self.options.dataloader_workers
         return DataLoaderShard(
-            self.dataset, device=None, batch_sampler=batches, collate_fn=collate, num_workers=self.options.dataloader_workers,
-            generator=torch.Generator().manual_seed(self.options.seed + epoch),
+            self.dataset, device=None, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+            generator=torch.Generator().manual_seed(self.options.seed + epoch), worker_init_fn=ignore_in_workers if workers else None,
         )
 
     def run(self) -> list[Path]:
+        """Train to the planned step count and write the final save point; on a signal, save a
+        resumable state and the outputs after the current step and raise the Stop that says how
+        to continue. A process of a multi-process run that dies (killed, out of memory) makes the
+        others' next collective fail (at once for a closed connection, after --ddp_timeout for a
+        silent one): they stop with a message instead of a traceback."""
+        try:
+            if self.stop is None:
+                return self._run()
+            with self.stop:
+                return self._run()
+        except RuntimeError as e:  # torch.distributed.DistError is one
+            if self.accelerator.num_processes > 1 and lost_peer(e):
+                raise UserError(
+                    f"process {self.accelerator.process_index} lost the others at step {self.progress.global_step + 1}: "
+                    f"another process of this run died or stopped answering ({str(e).strip().splitlines()[-1][:200]}). "
+                    "The launcher's report names it and its exit status; fix the cause, then rerun with --resume latest"
+                ) from None
+            raise
+
+    def _stop_now(self) -> None:
+        state = self.writer.state_dir(step_tag(self.progress.global_step))
+        self._save_point(step_tag(self.progress.global_step), with_state=True, periodic=False)
+        self.accelerator.end_training()
+        raise self.stop.stopped(state)
+
+    def _run(self) -> list[Path]:
         total = self.plan.total_steps()
         progress = self.progress
         bar = tqdm(total=total, initial=progress.global_step, desc="steps", disable=not self.accelerator.is_local_main_process)
-        loss_sum, loss_count = 0.0, 0
-        self.model.train()
-        while progress.global_step < total:
-            epoch_batches = self.plan.batches_for_epoch(progress.epoch)
-            loader = self._epoch_loader(epoch_batches[progress.batch_in_epoch :], progress.epoch)
-            for batch in loader:
-                group = self._group_size(len(epoch_batches), progress.batch_in_epoch)
-                with self.accelerator.accumulate(self.model):
-                    with self.accelerator.autocast():
-                        loss = self.model(self._device_batch(batch), self.loss)
-                    self._check_finite(loss)
-                    self._optimizer_step(loss, group)
-                progress.batch_in_epoch += 1
-                loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-                if not self.accelerator.sync_gradients:
-                    continue
-                progress.global_step += 1
-                lr = self.lr_scheduler.get_last_lr()[0]
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}")
-                self.accelerator.log({"loss": loss.item(), "loss_avg": loss_sum / loss_count, "lr": lr}, step=progress.global_step)
-                for hook in self.hooks:
-                    hook.after_step(progress.global_step)
-                every = self.options.save_every_n_steps
-                if every and progress.global_step % every == 0 and progress.global_step < total:
-                    self._save_point(step_tag(progress.global_step))
-                if progress.global_step >= total:
-                    loader.end()  # leave accelerate's record of the epoch's loader, as its end would
-                    break
-            else:  # the epoch ran to its end
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-                for hook in self.hooks:
-                    hook.after_epoch(progress.epoch, progress.global_step)
-                every = self.options.save_every_n_epochs
-                if every and progress.epoch % every == 0 and progress.global_step < total:
-                    self._save_point(epoch_tag(progress.epoch))
-        bar.close()
-        for hook in self.hooks:
-            hook.at_end(progress.global_step)
-        written = self._save_point(None)
-        self.accelerator.end_training()  # flush and close the trackers
-        return written
+        try:
+            loss_sum, loss_count = 0.0, 0
+            self.model.train()
+            while progress.global_step < total:
+                epoch_batches = self.plan.batches_for_epoch(progress.epoch)
+                loader = self._epoch_loader(epoch_batches[progress.batch_in_epoch :], progress.epoch)
+                for batch in loader:
+                    group = self._group_size(len(epoch_batches), progress.batch_in_epoch)
+                    with self.accelerator.accumulate(self.model):
+                        with self.accelerator.autocast():
+                            loss = self.model(self._device_batch(batch), self.loss)
+                        self._share(loss)
+                        self._optimizer_step(loss, group)
+                    progress.batch_in_epoch += 1
+                    loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+                    if not self.accelerator.sync_gradients:
+                        continue
+                    progress.global_step += 1
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", avg=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.2e}")
+                    self.accelerator.log({"loss": loss.item(), "loss_avg": loss_sum / loss_count, "lr": lr}, step=progress.global_step)
+                    if self.stop is not None and self.stop.requested and progress.global_step < total:
+                        self._stop_now()
+                    for hook in self.hooks:
+                        hook.after_step(progress.global_step)
+                    every = self.options.save_every_n_steps
+                    if every and progress.global_step % every == 0 and progress.global_step < total:
+                        self._save_point(step_tag(progress.global_step))
+                    if progress.global_step >= total:
+                        loader.end()  # leave accelerate's record of the epoch's loader, as its end would
+                        break
+                else:  # the epoch ran to its end
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+                    for hook in self.hooks:
+                        hook.after_epoch(progress.epoch, progress.global_step)
+                    every = self.options.save_every_n_epochs
+                    if every and progress.epoch % every == 0 and progress.global_step < total:
+                        self._save_point(epoch_tag(progress.epoch))
+            for hook in self.hooks:
+                hook.at_end(progress.global_step)
+            written = self._save_point(None, periodic=False)  # the end: never skipped
+            self.accelerator.end_training()  # flush and close the trackers
+            return written
+        finally:
+            bar.close()  # before any message, so it starts on a line of its own
+
+
+# What torch.distributed says when a peer is gone: gloo's closed or reset connections, NCCL's
+# errors and the collectives' timeout (--ddp_timeout).
+_PEER_LOST = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out", "Timed out", "timeout")
+
+
+def lost_peer(error: BaseException) -> bool:
+    return isinstance(error, torch.distributed.DistError) or any(marker in str(error) for marker in _PEER_LOST)

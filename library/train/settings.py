@@ -2,14 +2,13 @@
 fill this; the resolved object is saved next to the outputs as `NAME-settings.toml`."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from library.cli_config import setting
 from library.errors import UserError
+from library.train.state import LATEST, check_state
 
-STATE_FILE = "train_state.json"  # marks a --save_state folder: epoch, global step, data position
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,11 @@ class TrainSettings:
     save_every_n_epochs: int = setting(0, "save every N epochs (0 = off)")
     save_last_n: int = setting(0, "keep only the last N intermediate saves (0 = keep all)")
     save_state: bool = setting(False, "also save the accelerate training state (for --resume)")
-    resume: str = setting("", "a NAME-state folder to continue from")
+    resume: str = setting("", "a NAME-state folder to continue from, or latest: the newest complete state of --output_dir/--output_name")
+    # interruptions: a signal saves and stops; a full disk is said, not a traceback
+    save_on_signal_timeout: float = setting(0.0, "seconds of grace your platform gives after SIGTERM (spot instances, SLURM); a save that takes longer is reported (0 = unknown)")
+    continue_on_save_error: bool = setting(False, "when a periodic save fails (full disk, read-only folder), say so and go on, saving again at the next save point")
+    ddp_timeout: int = setting(0, "minutes a process waits for the others in a collective before the run stops (0 = torch's default, 30)")
     logging_dir: str = setting("", "tensorboard log folder")
     log_with: str = setting("", "tensorboard or wandb (default: tensorboard when --logging_dir is set)", choices=("", "tensorboard", "wandb", "all"))
     # validation on held-out images (same metric as eval_pfg.py)
@@ -134,6 +137,8 @@ class TrainSettings:
             raise UserError("--sample_prompts needs --sample_every_n_steps or --sample_every_n_epochs")
         if self.log_with in ("tensorboard", "all") and not self.logging_dir:
             raise UserError(f"--log_with {self.log_with} needs --logging_dir")
+        if self.save_on_signal_timeout < 0 or self.ddp_timeout < 0:
+            raise UserError("--save_on_signal_timeout and --ddp_timeout must be 0 or more")
         if self.full_bf16 and self.mixed_precision != "bf16":
             raise UserError("--full_bf16 needs --mixed_precision bf16")
         self.resolution_wh  # noqa: B018 - validates the string
@@ -147,19 +152,7 @@ class TrainSettings:
         check_optimizer(self.optimizer_type, self.optimizer_args)
 
     def _validate_resume(self) -> None:
-        if not self.resume:
-            return
-        folder = Path(self.resume)
-        if not folder.is_dir():
-            raise UserError(f"--resume {self.resume}: no such folder (give a NAME-state folder written with --save_state)")
-        state = folder / STATE_FILE
-        if not state.is_file():
-            raise UserError(f"--resume {self.resume}: not a training state folder (no {STATE_FILE}; "
-                            "give a NAME-state folder written with --save_state)")
-        try:
-            progress = json.loads(state.read_text())
-            valid = isinstance(progress, dict) and all(isinstance(progress.get(k), int) for k in ("epoch", "global_step", "batch_in_epoch"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            valid = False
-        if not valid:
-            raise UserError(f"--resume {self.resume}: {STATE_FILE} is unreadable or incomplete (needs epoch, global_step, batch_in_epoch)")
+        """An explicit --resume folder must be a complete state; `latest` is looked up when the run
+        starts (library/train/state.py), after what an interrupted save left is tidied up."""
+        if self.resume and self.resume != LATEST:
+            check_state(Path(self.resume))

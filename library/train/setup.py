@@ -97,11 +97,47 @@ def parameter_groups(settings: TrainSettings, adapter: PFGAdapter, unet: torch.n
     return groups
 
 
+def process_group_kwargs(settings: TrainSettings) -> list:
+    """--ddp_timeout: how long a process waits for the others in a collective (a process that died
+    or hangs) before the run stops with torch.distributed's timeout error, instead of forever."""
+    if not settings.ddp_timeout:
+        return []
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return [InitProcessGroupKwargs(timeout=timedelta(minutes=settings.ddp_timeout))]
+
+
+def resume_point(accelerator, settings: TrainSettings, output_dir: Path) -> Path | None:
+    """Tidy what an interrupted save of this run left in the output folder (main process), then the
+    state --resume names (`latest`: the newest complete one), the same on every process."""
+    from library.train.state import clean_interrupted_saves, resolve_resume
+
+    if accelerator.is_main_process:
+        for line in clean_interrupted_saves(output_dir, settings.output_name):
+            print(line)
+    accelerator.wait_for_everyone()
+    return resolve_resume(settings.resume, output_dir, settings.output_name)
+
+
 def check_output_dir(settings: TrainSettings) -> Path:
+    """The output folder, made if needed and proven writable before any model loads."""
+    import tempfile
+
+    from library.fileio import WriteFailed, failures_said
+
     out = Path(settings.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with failures_said(out / ".write-check"):
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=f".{settings.output_name}-write-check."):
+                pass
+    except WriteFailed as e:
+        reason = str(e).split(": ", 1)[1]  # "cannot write PATH: REASON (SPACE)"
+        raise UserError(f"--output_dir {out}: cannot write there: {reason}") from None
     return out
 
 
