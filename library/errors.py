@@ -1,6 +1,7 @@
 """User-facing errors: bad input ends with one clear message, not a traceback."""
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Callable
 
@@ -32,30 +33,36 @@ def run_cli(main: Callable[[], int | None]) -> None:
     from library import quiet
 
     quiet.install()
+    message, together = None, False
     try:
-        code = main()
+        code, together = main() or 0, True
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        _leave_process_group()
-        sys.exit(2)
+        message, code = f"error: {e}", 2
     except Stop as e:
-        print(e, file=sys.stderr)
-        _leave_process_group()
-        sys.exit(e.exit_code)
+        message, code = str(e), e.exit_code
     except StopAtOnce as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    _leave_process_group()
-    sys.exit(code or 0)
+    # Out of the except blocks: the traceback, and with it main()'s frames and models, is gone.
+    if message:
+        print(message, file=sys.stderr)
+    _leave_process_group(together)
+    sys.exit(code)
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(together: bool) -> None:
     """Under torchrun / accelerate launch, close torch.distributed before exiting: exiting with
     the process group open aborts the process (SIGABRT, "terminate called without an active
-    exception") and hides the exit status behind the launcher's crash report."""
+    exception") and hides the exit status behind the launcher's crash report. First free what
+    main() left in reference cycles (a DDP model's reducer holds the group: freed after the group
+    is closed, it can hang in gloo's teardown); after a successful run, meet the other processes
+    first, so none closes its connections while another is still inside a collective."""
     dist = sys.modules.get("torch.distributed")  # only when the script used it: never imports torch
     if dist is not None and dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

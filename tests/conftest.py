@@ -106,3 +106,14 @@ def network_blocked(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     yield attempts
     assert attempts == [], f"the code under test tried the network: {attempts}"
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run builds its own Accelerator (with its own precision); accelerate
+    keeps one state per process, so it is reset around each test that trains in-process."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -21,7 +21,12 @@ from safetensors.torch import load_file
 import train_pfg
 from library.data.features import read_cache
 from library.errors import UserError
-from library.train.state import clean_interrupted_saves, is_complete, latest_state, resolve_resume
+from library.train.state import (
+    clean_interrupted_saves,
+    is_complete,
+    latest_state,
+    resolve_resume,
+)
 from tests.assertions import assert_same_tensors
 from tests.dataset_copies import one_bucket_dataset
 
@@ -77,6 +82,18 @@ def _resume_to_the_end(kit, out: Path) -> None:
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "leftovers of the interrupted save remain"
     for name in OUTPUTS:
         assert_same_tensors(kit["straight"][name], load_file(str(out / name)))
+
+
+def _pid_of_rank(out: Path, rank: int) -> int:
+    """The process of `rank` among the training processes writing to `out` (torchrun's workers)."""
+    for pid in map(int, subprocess.run(["pgrep", "-f", "--", f"--output_dir {out}"], capture_output=True, text=True).stdout.split()):
+        try:
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        except OSError:
+            continue
+        if environ.get("RANK") == str(rank):
+            return pid
+    raise AssertionError(f"no process of rank {rank} writes to {out}")
 
 
 def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> bool:
@@ -229,15 +246,6 @@ def _inject_enospc(monkeypatch, after_bytes: int) -> None:
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_a_full_disk_stops_with_the_path_and_free_space_or_goes_on_when_asked(run_kit, tmp_path, small_disk, monkeypatch,
                                                                            capsys, fresh_accelerate_state):
     """The PFG head fits, the full checkpoint does not. By default the first refused save stops
@@ -334,15 +342,7 @@ def test_a_process_killed_under_ddp_ends_the_run_with_a_message(run_kit, tmp_pat
     command[command.index("--max_train_steps") + 1] = "400"
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
     assert _wait_for(lambda: re.search(r"steps: .*\| \d+/400", log.read_text()) is not None, process), log.read_text()[-2000:]
-    rank_1 = None
-    for pid in map(int, subprocess.run(["pgrep", "-f", "--", f"--output_dir {out}"], capture_output=True, text=True).stdout.split()):
-        try:
-            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
-        except OSError:
-            continue
-        if environ.get("RANK") == "1":
-            rank_1 = pid
-    assert rank_1 is not None
+    rank_1 = _pid_of_rank(out, 1)
     killed_at = time.monotonic()
     os.kill(rank_1, signal.SIGKILL)
     assert process.wait(timeout=150) != 0
@@ -350,3 +350,61 @@ def test_a_process_killed_under_ddp_ends_the_run_with_a_message(run_kit, tmp_pat
     text = log.read_text()
     assert "error: process 0 lost the others at step" in text and "rerun with --resume latest" in text
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", text), text[-3000:]
+
+
+def test_a_full_disk_during_a_state_save_keeps_the_previous_state(run_kit, tmp_path, monkeypatch, fresh_accelerate_state):
+    """accelerate's save_state refused by the disk at step 2 (injected: it writes part of a file,
+    then ENOSPC): the error names the state folder and the free space, the step-1 state is intact
+    and still the newest complete one, and no partial folder is left."""
+    import errno
+
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"cannot write \S+\.t-step00000002-state\.tmp: No space left on device \(.* free on .*\); "
+                                         r"training stopped at step 2; the newest complete state is \S+t-step00000001-state"):
+        train_pfg.main(["--pretrained_model_name_or_path", str(run_kit["model"]), "--dataset_config", str(run_kit["dataset"]),
+                        "--output_dir", str(out), "--output_name", "t", "--train_unet", "none", "--pfg_num_tokens", "2",
+                        "--max_train_steps", "4", "--save_every_n_steps", "1", "--save_state"])
+    assert is_complete(out / "t-step00000001-state") and latest_state(out, "t") == out / "t-step00000001-state"
+    assert not (out / "t-step00000002-state").exists() and not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_under_ddp_a_signal_to_one_process_stops_both_after_the_same_step(run_kit, tmp_path):
+    """SIGTERM reaches process 1 only: the request travels with the next loss share, both
+    processes stop after the same step and write one complete state (both random states), and
+    resuming it on two processes ends with the weights of the two-process run never stopped."""
+    env = {**_env(), "ACCELERATE_USE_CPU": "true"}
+
+    def launch(out: Path, *extra: str) -> list[str]:
+        command = _command(run_kit["model"], run_kit["dataset"], out, "--train_unet", "lora", "--network_dim", "2", *extra)
+        command[command.index("--max_train_steps") + 1] = "12"
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[1:]]
+
+    straight = subprocess.run(launch(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out, log = tmp_path / "out", tmp_path / "ddp-signal.log"
+    process = subprocess.Popen(launch(out), cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True)
+    assert _wait_for(lambda: re.search(r"steps: .*\| [1-6]/12", log.read_text()) is not None, process), log.read_text()[-2000:]
+    os.kill(_pid_of_rank(out, 1), signal.SIGTERM)
+    process.wait(timeout=300)
+    text = log.read_text()
+    saved = re.search(r"stopped by SIGTERM after saving (\S+t-step(\d{8})-state)", text)
+    assert saved, text[-3000:]
+    state = Path(saved.group(1))
+    assert is_complete(state) and {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}
+    assert "exitcode  : 143" in text  # a signal's stop, not a crash (the launcher then ends the other process)
+    resumed = subprocess.run(launch(out, "--resume", "latest"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and f"resuming from {state}" in resumed.stdout, resumed.stderr[-3000:]
+    for name in ("t-pfg.safetensors", "t-lora.safetensors"):
+        assert_same_tensors(load_file(str(tmp_path / "straight" / name)), load_file(str(out / name)))

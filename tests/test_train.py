@@ -21,14 +21,7 @@ from tests.dataset_copies import one_bucket_dataset, small_dataset_copy
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator (with its own precision)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def _train(model: Path, dataset: Path, out: Path, *extra: str) -> None:

@@ -17,15 +17,7 @@ from library.models.pfg import PFGAdapter, PFGShape
 from library.train.trainer import PFGTrainer, StepOptions
 from tests.dataset_copies import one_bucket_dataset
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator (with its own precision)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 def _train(model: Path, dataset: Path, out: Path, *extra: str) -> None:

@@ -186,10 +186,17 @@ class TrainLoop:
                 ) from None
             raise
 
+    def _finish_trackers(self) -> None:
+        """Flush and close the trackers. Not accelerator.end_training(): it also closes the process
+        group while the DDP model still holds it, and freeing the model afterwards can hang in
+        gloo's teardown; run_cli closes the group once the model is gone."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+
     def _stop_now(self) -> None:
         state = self.writer.state_dir(step_tag(self.progress.global_step))
         self._save_point(step_tag(self.progress.global_step), with_state=True, periodic=False)
-        self.accelerator.end_training()
+        self._finish_trackers()
         raise self.stop.stopped(state)
 
     def _run(self) -> list[Path]:
@@ -239,7 +246,7 @@ class TrainLoop:
             for hook in self.hooks:
                 hook.at_end(progress.global_step)
             written = self._save_point(None, periodic=False)  # the end: never skipped
-            self.accelerator.end_training()  # flush and close the trackers
+            self._finish_trackers()
             return written
         finally:
             bar.close()  # before any message, so it starts on a line of its own
