@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 
@@ -9,11 +10,28 @@ class UserError(Exception):
     """A problem with the user's input (file, flag, config). The message names the file and what is wrong."""
 
 
+class Notice(UserWarning):
+    """Something about the user's input that does not stop the run (a value adjusted as kohya
+    does, a key that does not apply): a script prints it as one `warning: ...` line."""
+
+
+def _format_notices() -> None:
+    plain = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, Notice):
+            return f"warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(); a UserError prints `error: ...` and exits with status 2."""
     from library import quiet
 
     quiet.install()
+    _format_notices()
     try:
         code = main()
     except UserError as e:
