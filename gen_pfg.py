@@ -1,4 +1,5 @@
-"""Generate images guided by images: SD + a trained PFG head + the image encoder.
+"""Generate images guided by images: Stable Diffusion (SD1.x, SD2.x or SDXL, the same commands)
++ a trained PFG head + the image encoder.
 
     python gen_pfg.py --pretrained_model_name_or_path SD --pfg_weights NAME-pfg.safetensors \
         --tagger_model TAGGER --image guide.png --prompt "illustration of *" --outdir out/

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 from library.errors import UserError, run_cli
 
@@ -22,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Settings and dataset config: every mistake surfaces here, before any model loads.
     settings, _ = parse_settings(TrainSettings, argv, __doc__)
     settings.validate()
+    for note in settings.notes():
+        print(f"note: {note}")
     dataset_config = dataset_config_from_settings(settings)
+    check_dataset_options(settings, dataset_config)
+    if settings.debug_dataset:
+        return debug_dataset(settings, dataset_config)
     sample_requests = read_samples(settings, dataset_config)
 
     from accelerate import Accelerator
@@ -55,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         project_dir=settings.logging_dir or None,
         kwargs_handlers=process_group_kwargs(settings),
     )
-    check_sharding(accelerator, settings)
+    # the datasets' validation_split: the dataset TOML's, else --validation_split (its fallback)
+    check_sharding(accelerator, replace(settings, validation_split=max(d.validation_split for d in dataset_config.datasets)))
     resume = resume_point(accelerator, settings, output_dir)
+    if settings.full_fp16:
+        from library.train.fp16 import allow_fp16_gradients
+
+        allow_fp16_gradients(accelerator)
     set_seed(settings.seed)
 
     # 2. Images, buckets, captions and PFG vectors.
@@ -65,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"skipped {failure.path}: {failure.reason}")
     if not items:
         raise UserError(f"{dataset_config.source}: no usable images found")
-    ensure_features(items, settings, accelerator)
+    ensure_features(dataset_config, settings, accelerator)
     features, encoder_id = load_features(items)
-    (items, features), (held_out, held_out_features) = split_validation(items, features, settings)
+    (items, features), (held_out, held_out_features) = split_validation(items, features, dataset_config, settings)
     accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})"
                       + (f"; {len(held_out)} held out for validation" if held_out else ""))
     accelerator.print(format_bucket_table(bucket_counts(items)))
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--pfg_pooled needs an SDXL model (a pooled text embedding); {settings.pretrained_model_name_or_path} is {model.variant}")
     pooled_dim = prompt_encoder.pooled_width if settings.pfg_pooled else 0
     adapter = build_adapter(settings, features.shape[1], model.cross_attention_dim, accelerator.device, pooled_dim)
-    dataset = PFGDataset(items, features, latents)
+    dataset = PFGDataset(items, features, latents, plan.total_steps())
 
     # 4. Optimizer, schedule, and accelerate's wrapping of what trains (one module: DeepSpeed
     # takes one, and DDP/FSDP sync gradients across its forward, which is the training step).
@@ -119,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     loop = TrainLoop(accelerator, prepared, trainer, plan, dataset, writer, LoopOptions.from_settings(settings), hooks, stop)
     if resume is not None:
         loop.load_state(resume)
+    if settings.sample_at_first:
+        from library.train.samples import TrainingSamples
+
+        next(hook for hook in hooks if isinstance(hook, TrainingSamples)).sample(f"{loop.progress.global_step:06d}")
     if accelerator.log_with:
         accelerator.init_trackers(settings.output_name, config={k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
     if accelerator.is_main_process:
@@ -139,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ensure_features(items, settings, accelerator) -> None:
-    """With --tagger_model, bring the vector caches up to date with prepare_features.py's own job:
-    it keeps the valid ones and recomputes missing ones, those of edited images and those of
-    another encoder (each process takes its share, as when it runs alone)."""
+def ensure_features(dataset_config, settings, accelerator) -> None:
+    """With --tagger_model, bring the vector caches up to date with prepare_features.py's own job
+    over the same dataset: it keeps the valid ones and recomputes missing ones, those of edited
+    images and those of another encoder (each process takes its share, as when it runs alone)."""
     if not settings.tagger_model:
         return
     import torch
@@ -151,7 +166,7 @@ def ensure_features(items, settings, accelerator) -> None:
     from library.prepare.settings import PrepareSettings
 
     status = prepare_features(PrepareSettings(dataset_config=settings.dataset_config, train_data_dir=settings.train_data_dir,
-                                              tagger_model=settings.tagger_model))
+                                              tagger_model=settings.tagger_model), dataset_config)
     # Every process learns of a failure in any share, or the others would wait for it forever.
     failed = accelerator.gather(torch.tensor([int(bool(status))], device=accelerator.device)).nonzero().flatten().tolist()
     if failed:
@@ -176,12 +191,53 @@ def cached_latents(items, vae, settings, accelerator) -> dict | None:
     return cache_latents(jobs, vae, to_disk=settings.cache_latents_to_disk, progress=progress)
 
 
-def split_validation(items, features, settings):
-    """((training items, vectors), (held-out items, vectors)) for --validation_split."""
-    from library.train.validation import split_validation as split
+def split_validation(items, features, dataset_config, settings):
+    """((training items, vectors), (held-out items, vectors)) of the datasets' validation_split
+    (the dataset TOML's, else --validation_split)."""
+    from library.data.dataset import split_validation as split
 
-    train, held = split(list(range(len(items))), settings.validation_split, settings.seed)
+    train, held = split(items, dataset_config, settings.seed)
+    if held and len(held) < 2:
+        raise UserError(f"validation_split holds out {len(held)} image of {len(items)}; the validation metrics compare at "
+                        "least 2: raise validation_split")
+    if held and not train:
+        raise UserError(f"validation_split holds out all {len(items)} images; lower it")
     return ([items[i] for i in train], features[train]), ([items[i] for i in held], features[held])
+
+
+def check_dataset_options(settings, dataset_config) -> None:
+    """Dataset keys that need (or exclude) a training flag, said before any model loads."""
+    subsets = [subset for _, subset in dataset_config.iter_subsets()]
+    if settings.masked_loss and not any(s.alpha_mask for s in subsets):
+        raise UserError("--masked_loss weighs the loss by the images' alpha channel: set alpha_mask = true in the subsets "
+                        "whose images carry one, or pass --alpha_mask (kohya's conditioning_data_dir mask folders are "
+                        "not supported)")
+    varying = [s.name for s in subsets if s.varies_pixels]
+    if (settings.cache_latents or settings.cache_latents_to_disk) and varying:
+        raise UserError(f"random_crop and color_aug give each sample new pixels, which no latent cache can hold "
+                        f"({', '.join(varying)}): drop --cache_latents/--cache_latents_to_disk or those keys, as kohya requires")
+
+
+def debug_dataset(settings, dataset_config) -> int:
+    """--debug_dataset: the first epoch's samples and their captions, then exit; no model loads."""
+    from library.data.dataset import collect_items, split_validation as split
+    from library.train.dataset_debug import debug_lines
+    from library.train.plan import EpochPlan
+
+    items, failures = collect_items(dataset_config, settings.pfg_prompt)
+    for failure in failures:
+        print(f"skipped {failure.path}: {failure.reason}")
+    train, held = split(items, dataset_config, settings.seed)
+    if held:
+        print(f"{len(held)} images held out for validation are not listed")
+    items = [items[i] for i in train]
+    if not items:
+        raise UserError(f"{dataset_config.source}: no usable images found")
+    plan = EpochPlan(items, [d.batch_size for d in dataset_config.datasets], settings.seed, 1, 0,
+                     settings.gradient_accumulation_steps, settings.max_train_steps, settings.max_train_epochs)
+    for line in debug_lines(plan):
+        print(line)
+    return 0
 
 
 def build_hooks(settings, accelerator, trainer, sample_requests, held_out, held_out_features, output_dir) -> list:

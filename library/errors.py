@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import warnings
 from typing import Callable
 
 
@@ -28,12 +29,29 @@ class StopAtOnce(BaseException):
         self.exit_code = exit_code
 
 
+class Notice(UserWarning):
+    """Something about the user's input that does not stop the run (a value adjusted as kohya
+    does, a key that does not apply): a script prints it as one `warning: ...` line."""
+
+
+def _format_notices() -> None:
+    plain = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if issubclass(category, Notice):
+            return f"warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run a script's main(); a UserError prints `error: ...` and exits with status 2."""
     from library import quiet
 
     quiet.install()
     message, together = None, False
+    _format_notices()
     try:
         code, together = main() or 0, True
     except UserError as e:

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from library.data.captions import caption_path, process_caption, resolve_caption
+from library.data.captions import CaptionOptions, caption_path, process_caption, resolve_caption
 from library.errors import UserError
 
 
@@ -43,9 +43,13 @@ def test_undecodable_caption_names_the_file(tmp_path):
 CAPTION = "sks girl, red hair, smile, outdoors, tree, sky"
 
 
+def options(shuffle: bool = False, keep: int = 0, dropout: float = 0.0, **more) -> CaptionOptions:
+    return CaptionOptions(shuffle_caption=shuffle, keep_tokens=keep, caption_dropout_rate=dropout, **more)
+
+
 def test_no_shuffle_no_dropout_is_unchanged():
     rng = random.Random(0)
-    assert process_caption(CAPTION, False, 2, 0.0, rng) == CAPTION
+    assert process_caption(CAPTION, options(False, 2), rng) == CAPTION
     assert rng.random() == random.Random(0).random()  # nothing was drawn
 
 
@@ -54,23 +58,23 @@ def test_no_shuffle_no_dropout_is_unchanged():
 def test_shuffle_keeps_the_first_keep_tokens(rng_factory, keep):
     tags = [t.strip() for t in CAPTION.split(",")]
     rng = rng_factory(1)
-    outputs = {process_caption(CAPTION, True, keep, 0.0, rng) for _ in range(50)}
+    outputs = {process_caption(CAPTION, options(True, keep), rng) for _ in range(50)}
     for out in outputs:
         got = out.split(", ")
         assert got[:keep] == tags[:keep]
         assert sorted(got) == sorted(tags)
     assert len(outputs) > 1 if keep < len(tags) - 1 else len(outputs) == 1
     again = rng_factory(1)
-    first = process_caption(CAPTION, True, keep, 0.0, rng_factory(1))
-    assert process_caption(CAPTION, True, keep, 0.0, again) == first  # deterministic per rng
+    first = process_caption(CAPTION, options(True, keep), rng_factory(1))
+    assert process_caption(CAPTION, options(True, keep), again) == first  # deterministic per rng
 
 
 def test_shuffle_drops_empty_tags():
-    assert process_caption("a,, b ,", True, 3, 0.0, random.Random(0)) == "a, b"
+    assert process_caption("a,, b ,", options(True, 3), random.Random(0)) == "a, b"
 
 
 def test_dropout_returns_empty_caption_at_the_given_rate():
-    assert process_caption(CAPTION, True, 1, 1.0, random.Random(0)) == ""
+    assert process_caption(CAPTION, options(True, 1, 1.0), random.Random(0)) == ""
     rng = random.Random(3)
-    dropped = sum(process_caption(CAPTION, False, 0, 0.25, rng) == "" for _ in range(4000))
+    dropped = sum(process_caption(CAPTION, options(dropout=0.25), rng) == "" for _ in range(4000))
     assert 850 < dropped < 1150

@@ -1,6 +1,7 @@
 """The dataset TOML: fallbacks, kohya compatibility, and errors that name file, table and key."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,14 @@ from pathlib import Path
 import pytest
 
 from library.data.dataset_config import (
+    AdjustedValueWarning,
+    DatasetConfigWarning,
     DatasetDefaults,
     UnsupportedKeyWarning,
     config_from_train_data_dir,
     load_dataset_config,
 )
+from library.data.dataset_schema import NOT_APPLICABLE_SUBSET_ONLY_KEYS, SUBSET_ONLY_KEYS, TYPE_NAMES, TYPES
 from library.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +43,7 @@ def write(folder: Path, text: str, name: str = "dataset.toml") -> Path:
 
 def load_quietly(path, defaults=None):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnsupportedKeyWarning)
+        warnings.simplefilter("ignore", DatasetConfigWarning)
         return load_dataset_config(path, defaults)
 
 
@@ -137,30 +141,31 @@ network_multiplier = 1.0
 """
 
 
-def test_real_kohya_file_loads_with_one_warning_per_unimplemented_key(work):
+def test_real_kohya_file_loads_and_keys_that_do_not_apply_warn_once_each(work):
     path = write(work, KOHYA_FILE)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = load_dataset_config(path)
     messages = [str(w.message) for w in caught if issubclass(w.category, UnsupportedKeyWarning)]
-    expected = {"color_aug", "caption_prefix", "token_warmup_step", "network_multiplier", "random_crop",
-                "caption_tag_dropout_rate", "caption_dropout_every_n_epochs", "face_crop_aug_range",
-                "alpha_mask", "cache_info"}
     (reg,) = [m for m in messages if "is_reg = true" in m]  # regularisation images: said, not silently trained
     assert S2 in reg and "img/b" in reg and "no prior-preservation loss" in reg
     messages.remove(reg)
-    assert len(messages) == len(caught) - 1 == len(expected)  # color_aug is in two tables: still one warning
-    for key in expected:
+    expected = {"network_multiplier": "--network_mul", "face_crop_aug_range": "random_crop works",
+                "cache_info": "nothing to cache"}
+    assert len(messages) == len(caught) - 1 == len(expected)
+    for key, reason in expected.items():
         (message,) = [m for m in messages if f"'{key}'" in m]
-        assert str(path) in message
-    (color,) = [m for m in messages if "'color_aug'" in m]
-    assert "[general]" in color and S2 in color
-    assert config.ignored_keys == (*messages, reg)
+        assert str(path) in message and "does not apply to PFG" in message and reason in message
+    assert config.notes == (*messages, reg)
     d = config.datasets[0]
     assert (d.resolution, d.batch_size, d.enable_bucket) == ((512, 512), 4, True)
     a, b = d.subsets
     assert (a.num_repeats, a.flip_aug, a.caption_dropout_rate, a.keep_tokens) == (10, True, 0.05, 1)
     assert (b.is_reg, b.class_tokens, b.keep_tokens, b.num_repeats) == (True, "girl", 0, 1)
+    # kohya's caption and augmentation keys are implemented: their values resolve like any other
+    assert (a.caption_prefix, b.caption_prefix, a.token_warmup_step) == ("masterpiece, ", "masterpiece, ", 0.0)
+    assert (a.random_crop, a.caption_tag_dropout_rate, a.alpha_mask, a.color_aug, b.color_aug) == (True, 0.1, False, False, True)
+    assert a.caption_options.caption_prefix == "masterpiece, " and a.varies_pixels and not b.random_crop
 
 
 BASE = """
@@ -182,11 +187,15 @@ ERRORS = [  # (general, dataset, second subset, expected fragments besides the f
     ("", "", "num_repeats = -2", [S2, "'num_repeats'", "at least 1"]),
     ("", "", "keep_tokens = -1", [S2, "'keep_tokens'"]),
     ("", "", "caption_dropout_rate = 1.5", [S2, "'caption_dropout_rate'", "between 0 and 1"]),
-    ("", "", "caption_extension = \"txt\"", [S2, "'caption_extension'", "'.txt'"]),
+    ("", "", "caption_extension = \"\"", [S2, "'caption_extension'", "'.txt'"]),
     ("", "resolution = 500", "", ["[[datasets]] #1:", "'resolution'", "multiples of 8"]),
     ("", "batch_size = 0", "", ["[[datasets]] #1:", "'batch_size'"]),
-    ("", "enable_bucket = true\nresolution = [512, 520]", "",
-     ["[[datasets]] #1:", "'resolution'", "bucket_reso_steps"]),
+    ("", "", "resize_interpolation = \"fancy\"", [S2, "'resize_interpolation'", "lanczos, nearest"]),
+    ("", "", "caption_separator = \"\"", [S2, "'caption_separator'", "is empty"]),
+    ("", "", "caption_tag_dropout_rate = 2", [S2, "'caption_tag_dropout_rate'", "between 0 and 1"]),
+    ("", "", "validation_split = 0.1", [S2, "'validation_split'", "dataset setting"]),
+    ("", "validation_split = 1.0", "", ["[[datasets]] #1:", "'validation_split'", "[0, 1)"]),
+    ("", "", "metadata_file = \"nowhere.json\"", [S2, "'metadata_file'", "not found"]),
     ("", "enable_bucket = true\nbucket_reso_steps = 12", "", ["[[datasets]] #1:", "'bucket_reso_steps'"]),
     ("min_bucket_reso = 1024\nmax_bucket_reso = 512", "enable_bucket = true", "",
      ["[[datasets]] #1:", "'min_bucket_reso' (set in [general])", "'max_bucket_reso' (set in [general])"]),
@@ -299,14 +308,98 @@ def test_cli_prints_resolved_config_and_fails_cleanly(work):
     out = run_cli(str(good), cwd=work)
     assert out.returncode == 0, out.stderr
     assert "[[datasets]] #1 > [[datasets.subsets]] #2" in out.stdout
-    assert "resolution            512x512" in out.stdout
-    assert f"image_dir             {work / 'img' / 'b'}" in out.stdout
-    assert "keep_tokens           1  <- [general]" in out.stdout
-    assert "min_bucket_reso       256\n" in out.stdout  # set in the dataset table: no arrow
-    assert out.stderr.count("warning: ") == 11 and "'color_aug'" in out.stderr and "is_reg = true" in out.stderr
+    assert f"{'resolution':<30} 512x512" in out.stdout
+    assert f"{'image_dir':<30} {work / 'img' / 'b'}" in out.stdout
+    assert f"{'keep_tokens':<30} 1  <- [general]" in out.stdout
+    assert f"{'min_bucket_reso':<30} 256\n" in out.stdout  # set in the dataset table: no arrow
+    assert "caption_dropout_every_n_epochs 0\n" in out.stdout  # the longest key still leaves a space
+    assert out.stderr.count("warning: ") == 4 and "'cache_info'" in out.stderr and "is_reg = true" in out.stderr
 
     bad = write(work, BASE.format(dataset="", subset="num_repeat = 3"), name="bad.toml")
     out = run_cli(str(bad), cwd=work)
     assert out.returncode == 2
     assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
     assert "bad.toml" in out.stderr and S2 in out.stderr and "did you mean 'num_repeats'" in out.stderr
+
+
+# A wrong value for each kind of kohya's schema (kohya's `float` keys take no integers: 1 is wrong there).
+WRONG = {"int": '"3"', "bool": "1", "number": '"0.1"', "float": "1", "str": "1", "pair": "[2, 4]", "table": "1",
+         "resolution": '"512"'}
+
+
+@pytest.mark.parametrize("key", sorted(TYPES))
+def test_every_key_is_type_checked_as_kohyas_schema(work, key):
+    """Implemented or not, every kohya key (and ours) with a wrong type is an error naming the file,
+    the table and the key, in the table where the key belongs."""
+    if key == "image_dir":
+        text, table = f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = {WRONG['str']}\n", S2.replace("#2", "#1")
+    elif key in SUBSET_ONLY_KEYS or key in NOT_APPLICABLE_SUBSET_ONLY_KEYS:
+        text, table = BASE.format(dataset="", subset=f"{key} = {WRONG[TYPES[key]]}"), S2
+    else:
+        text, table = f"[general]\n{key} = {WRONG[TYPES[key]]}\n" + BASE.format(dataset="", subset=""), "[general]"
+    path = write(work, text)
+    with pytest.raises(UserError) as e:
+        load_quietly(path)
+    assert f"{path}: {table}: '{key}' must be {TYPE_NAMES[TYPES[key]]}" in str(e.value)
+
+
+def test_kohyas_lenient_values_load_as_kohya_reads_them_with_a_warning_each(work):
+    """A caption_extension without its dot, num_repeats = 0, bucket limits and a resolution off the
+    bucket_reso_steps grid, and the same image_dir twice in a dataset: kohya reads them all."""
+    path = write(work, """
+[general]
+caption_extension = "txt"
+enable_bucket = true
+resolution = 520
+min_bucket_reso = 300
+max_bucket_reso = 1000
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "img/a"
+  [[datasets.subsets]]
+  image_dir = "img/b"
+  num_repeats = 0
+  [[datasets.subsets]]
+  image_dir = "img/a"
+  num_repeats = 5
+
+[[datasets]]
+  [[datasets.subsets]]
+  image_dir = "img/a"
+""")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = load_dataset_config(path)
+    messages = [str(w.message) for w in caught if issubclass(w.category, AdjustedValueWarning)]
+    d1, d2 = config.datasets
+    assert [s.image_dir for s in d1.subsets] == [work / "img" / "a"]  # b skipped, the second img/a skipped
+    assert d1.subsets[0].num_repeats == 1 and d1.subsets[0].caption_extension == ".txt"
+    assert [s.image_dir for s in d2.subsets] == [work / "img" / "a"]  # another dataset: trained again, as kohya
+    assert (d1.resolution, d1.min_bucket_reso, d1.max_bucket_reso) == ((512, 512), 256, 1024)
+    for fragment in ["'caption_extension' (set in [general]) = 'txt' has no dot; using '.txt', as kohya does",
+                     f"{S2}: num_repeats = 0: the subset ({work / 'img' / 'b'}) is skipped, as kohya does",
+                     "[[datasets]] #1 > [[datasets.subsets]] #3: image_dir " + str(work / "img" / "a")
+                     + " is already [[datasets]] #1 > [[datasets.subsets]] #1: this subset is skipped",
+                     "'min_bucket_reso' (set in [general]) = 300 is not a multiple of bucket_reso_steps = 64; using 256 (rounded down",
+                     "'max_bucket_reso' (set in [general]) = 1000 is not a multiple of bucket_reso_steps = 64; using 1024 (rounded up",
+                     "'resolution' (set in [general]) = 520x520 is not a multiple of bucket_reso_steps = 64: the buckets are built for 512x512"]:
+        assert any(fragment in m and str(path) in m for m in messages), fragment
+    assert set(messages) <= set(config.notes)
+
+
+def test_metadata_file_subsets_check_their_file_and_keys(work):
+    (work / "meta.json").write_text('{"a1": {"caption": "x"}}')
+    (work / "bad.json").write_text('{"a1": {"caption": 3}}')
+    (work / "full.json").write_text(json.dumps({str(work / "img" / "a" / "a1"): {"tags": "t"}}))
+    ok = load_quietly(write(work, '[[datasets]]\n[[datasets.subsets]]\nmetadata_file = "full.json"\n'))
+    (subset,) = ok.datasets[0].subsets
+    assert subset.metadata_file == work / "full.json" and subset.image_dir is None  # full-path keys need no image_dir
+    for subset_text, fragment in [
+        ('metadata_file = "meta.json"', "missing key 'image_dir': the metadata_file's image keys are relative to it"),
+        ('metadata_file = "bad.json"\nimage_dir = "img/a"', "entry 'a1': \"caption\" must be a string"),
+        ('metadata_file = "meta.json"\nimage_dir = "img/a"\nclass_tokens = "x"', "'class_tokens' does not go with metadata_file"),
+    ]:
+        with pytest.raises(UserError) as e:
+            load_quietly(write(work, f"[[datasets]]\n[[datasets.subsets]]\n{subset_text}\n"))
+        assert "[[datasets]] #1 > [[datasets.subsets]] #1" in str(e.value) and fragment in str(e.value)

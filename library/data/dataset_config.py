@@ -1,17 +1,21 @@
-"""The dataset TOML: kohya sd-scripts' DreamBooth-style schema plus PFG's keys, validated up front.
+"""The dataset TOML: kohya sd-scripts' schema plus PFG's keys, validated up front.
 
     [general]                      # fallbacks for every dataset and subset
-    [[datasets]]                   # resolution, batch size, bucketing
-      [[datasets.subsets]]         # one image folder: repeats, captions, augmentation, caches
+    [[datasets]]                   # resolution, batch size, bucketing, validation split
+      [[datasets.subsets]]         # one image folder (or metadata_file): repeats, captions, augmentation, caches
 
 Every value falls back subset -> dataset -> general -> command line (DatasetDefaults). A kohya
-file loads unchanged: kohya keys that PFG scripts do not implement are reported with one warning
-per key and otherwise ignored. Unknown keys, wrong types and impossible values raise UserError
-naming the file, the table and the key, before anything heavy is loaded.
+file loads unchanged and means what it means to kohya: its caption and augmentation keys are
+implemented with kohya's semantics; the few kohya keys that do not apply to PFG are reported
+with one warning per key saying why. kohya's lenient values load as kohya reads them, with a
+warning each (a caption_extension without its dot, num_repeats = 0, bucket sizes off the
+bucket_reso_steps grid, the same image_dir twice in a dataset). Unknown keys, wrong types (by
+kohya's schema) and impossible values raise UserError naming the file, the table and the key,
+all of them at once, before anything heavy is loaded.
 
-Relative `image_dir` and `cache_dir` paths are resolved against the current working directory,
-as kohya does, so a kohya file means the same folders here; the error for a missing folder
-points out when the path would exist relative to the config file instead.
+Relative `image_dir`, `metadata_file` and `cache_dir` paths are resolved against the current
+working directory, as kohya does, so a kohya file means the same folders here; the error for a
+missing folder points out when the path would exist relative to the config file instead.
 
 New keys: `cache_dir` (subset only: where `<stem>_pfg.npz` features and latent caches live;
 default beside each image) and `encoder` (the encoder id the feature caches must carry).
@@ -32,15 +36,25 @@ from typing import Any, Iterator, Mapping
 
 import toml
 
+from library.data.captions import CaptionOptions
 from library.data.dataset_schema import (  # noqa: F401  (parse_resolution: imported from here by the scripts)
-    DATASET_KEYS, GENERAL, GENERAL_ALLOWED, SUBSET_KEYS, SUBSET_ONLY_KEYS, Problems, array_of_tables, check_table,
-    dataset_name, describe, parse_resolution, subset_name,
+    DATASET_KEYS, GENERAL, GENERAL_ALLOWED, INTERPOLATIONS, NOT_APPLICABLE, SUBSET_KEYS, SUBSET_ONLY_KEYS, Problems,
+    array_of_tables, check_table, dataset_name, describe, parse_resolution, subset_name,
 )
-from library.errors import UserError, run_cli
+from library.data.fine_tuning import read_metadata_file
+from library.errors import Notice, UserError, run_cli
 
 
-class UnsupportedKeyWarning(UserWarning):
-    """A kohya dataset key that PFG scripts accept but do not implement."""
+class DatasetConfigWarning(Notice):
+    """Something about a dataset config that does not stop the run."""
+
+
+class UnsupportedKeyWarning(DatasetConfigWarning):
+    """A kohya dataset key that does not apply to PFG (or is_reg, which trains like any subset)."""
+
+
+class AdjustedValueWarning(DatasetConfigWarning):
+    """A lenient value read as kohya reads it (a dot added, a size rounded, a subset skipped)."""
 
 
 COMMAND_LINE = "command line / default"  # the source label of a DatasetDefaults value
@@ -57,13 +71,29 @@ class DatasetDefaults:
     max_bucket_reso: int = 1024
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None  # None: the run's --seed
     num_repeats: int = 1
     caption_extension: str = ".caption"
     class_tokens: str | None = None
     shuffle_caption: bool = False
     keep_tokens: int = 0
+    keep_tokens_separator: str | None = None
+    caption_separator: str = ","
+    secondary_separator: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    enable_wildcard: bool = False
     caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0
     flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    resize_interpolation: str | None = None  # None: lanczos
+    alpha_mask: bool = False  # kohya's --alpha_mask: the default of the subset-only key
     encoder: str | None = None
     pfg_prompt: str | None = None
 
@@ -95,18 +125,42 @@ class SubsetConfig:
     """One image folder with every value resolved (subset -> dataset -> general -> command line)."""
 
     name: str  # the table, e.g. "[[datasets]] #1 > [[datasets.subsets]] #2", for messages
-    image_dir: Path  # absolute
+    image_dir: Path | None  # absolute; None only for a metadata_file subset with full-path keys
+    metadata_file: Path | None  # kohya's fine-tuning subset: images and captions from this JSON
     num_repeats: int
     caption_extension: str
     class_tokens: str | None
     shuffle_caption: bool
     keep_tokens: int
+    keep_tokens_separator: str | None
+    caption_separator: str
+    secondary_separator: str | None
+    caption_prefix: str | None
+    caption_suffix: str | None
+    enable_wildcard: bool
     caption_dropout_rate: float
+    caption_dropout_every_n_epochs: int
+    caption_tag_dropout_rate: float
+    token_warmup_min: int
+    token_warmup_step: float
     flip_aug: bool
+    color_aug: bool
+    random_crop: bool
+    resize_interpolation: str | None
+    alpha_mask: bool
     is_reg: bool
     cache_dir: Path | None  # None: caches beside each image
     encoder: str | None  # expected encoder id of the feature caches; None: accept the one in use
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # key -> where set
+
+    @property
+    def caption_options(self) -> CaptionOptions:
+        return CaptionOptions(**{f.name: getattr(self, f.name) for f in fields(CaptionOptions)})
+
+    @property
+    def varies_pixels(self) -> bool:
+        """random_crop and color_aug change a sample's pixels each time: no latent cache can hold them."""
+        return self.random_crop or self.color_aug
 
 
 @dataclass(frozen=True)
@@ -121,6 +175,8 @@ class DatasetBlueprint:
     max_bucket_reso: int
     bucket_reso_steps: int
     bucket_no_upscale: bool
+    validation_split: float  # fraction of each (non-reg) subset held out
+    validation_seed: int | None  # None: the run's --seed
     subsets: tuple[SubsetConfig, ...]
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -130,7 +186,7 @@ class DatasetConfig:
     source: str  # the config file, or the --train_data_dir it was built from
     datasets: tuple[DatasetBlueprint, ...]
     pfg_prompt: str | None
-    ignored_keys: tuple[str, ...] = ()  # the warnings: unimplemented kohya keys, is_reg subsets
+    notes: tuple[str, ...] = ()  # the warnings: keys that do not apply, is_reg subsets, adjusted values
 
     def iter_subsets(self) -> Iterator[tuple[DatasetBlueprint, SubsetConfig]]:
         for dataset in self.datasets:
@@ -185,21 +241,25 @@ def load_dataset_config(path: str | os.PathLike, defaults: DatasetDefaults | Non
 
 def config_from_train_data_dir(
     train_data_dir: str | os.PathLike, defaults: DatasetDefaults | None = None,
-    reg_data_dir: str | os.PathLike | None = None,
+    reg_data_dir: str | os.PathLike | None = None, metadata_file: str | os.PathLike | None = None,
 ) -> DatasetConfig:
     """A one-dataset config without a TOML, from kohya's folder convention.
 
     Each `<repeats>_<class tokens>` subfolder is a subset with that num_repeats and class_tokens
     (as kohya's --train_data_dir / --reg_data_dir). When the folder has no such subfolders, the
-    folder itself is the only subset.
+    folder itself is the only subset. With `metadata_file` (kohya's --in_json) the folder is one
+    fine-tuning subset: its images and captions are the file's entries.
     """
     subsets: list[dict[str, Any]] = []
     for folder, is_reg in ((train_data_dir, False), (reg_data_dir, True)):
-        if folder is None:
+        if not folder:
             continue
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"{'--reg_data_dir' if is_reg else '--train_data_dir'} {folder} is not a folder")
+        if metadata_file and not is_reg:
+            subsets.append({"image_dir": str(folder), "metadata_file": str(metadata_file)})
+            continue
         found = []
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             repeats, _, tokens = sub.name.partition("_")
@@ -214,8 +274,6 @@ def config_from_train_data_dir(
 def _line(text: str, lineno: int) -> str:
     lines = text.splitlines()
     return lines[lineno - 1].strip() if 0 < lineno <= len(lines) else ""
-
-
 
 
 def _build(raw: Any, source: str, defaults: DatasetDefaults, config_dir: Path | None) -> DatasetConfig:
@@ -249,35 +307,58 @@ def _build(raw: Any, source: str, defaults: DatasetDefaults, config_dir: Path | 
         layers = [(dname, dataset), (GENERAL, general), (COMMAND_LINE, command_line)]
         dvalues, dsources = _resolve(DATASET_KEYS, layers)
         _validate_dataset(dname, dvalues, dsources, problems)
-        subsets = []
+        subsets: list[SubsetConfig] = []
         for j, subset_raw in enumerate(subsets_raw):
             sname = subset_name(i, j)
             subset = check_table(subset_raw, sname, "subset", problems)
             svalues, ssources = _resolve(SUBSET_KEYS, [(sname, subset)] + layers)
-            only, only_sources = _resolve(SUBSET_ONLY_KEYS, [(sname, subset), (COMMAND_LINE, {"is_reg": False})])
+            only_defaults = {"is_reg": False, "alpha_mask": command_line["alpha_mask"]}
+            only, only_sources = _resolve(SUBSET_ONLY_KEYS, [(sname, subset), (COMMAND_LINE, only_defaults)])
             svalues.update(only)
             ssources.update(only_sources)
-            subsets.append(_make_subset(sname, svalues, ssources, subset_raw, config_dir, problems))
+            made = _make_subset(sname, svalues, ssources, subset, config_dir, problems)
+            if made is not None and _keep_subset(made, subsets, problems):
+                subsets.append(made)
         blueprints.append(DatasetBlueprint(
-            name=dname, subsets=tuple(s for s in subsets if s is not None), sources=dsources,
-            **{k: dvalues[k] for k in DATASET_KEYS},
+            name=dname, subsets=tuple(subsets), sources=dsources, **{k: dvalues[k] for k in DATASET_KEYS},
         ))
     problems.raise_if_any()
+    return DatasetConfig(source=source, datasets=tuple(blueprints), pfg_prompt=defaults.pfg_prompt,
+                         notes=_warn(problems, blueprints))
 
-    ignored = []
-    for key, tables in problems.unsupported.items():
-        message = (f"{source}: kohya key '{key}' ({', '.join(tables)}) is not implemented by PFG scripts "
-                   "and is ignored")
-        warnings.warn(message, UnsupportedKeyWarning, stacklevel=3)
-        ignored.append(message)
+
+def _keep_subset(subset: SubsetConfig, kept: list[SubsetConfig], problems: Problems) -> bool:
+    """kohya skips subsets with num_repeats < 1, and a dataset's second subset of the same folder
+    (or metadata file): said, not silently trained twice."""
+    if subset.num_repeats == 0:
+        problems.adjust(subset.name, f"num_repeats = 0: the subset ({subset.metadata_file or subset.image_dir}) is "
+                                     "skipped, as kohya does")
+        return False
+    key = (subset.metadata_file, None if subset.metadata_file else subset.image_dir)
+    first = next((s for s in kept if (s.metadata_file, None if s.metadata_file else s.image_dir) == key), None)
+    if first is not None:
+        what = f"metadata_file {subset.metadata_file}" if subset.metadata_file else f"image_dir {subset.image_dir}"
+        problems.adjust(subset.name, f"{what} is already {first.name}: this subset is skipped and the first one "
+                                     "used, as kohya does (to weight the images, raise the first one's num_repeats)")
+        return False
+    return True
+
+
+def _warn(problems: Problems, blueprints: list[DatasetBlueprint]) -> tuple[str, ...]:
+    """Every warning once, as it is also printed: keys that do not apply, is_reg, adjusted values."""
+    notes: list[tuple[str, type]] = []
+    for key, tables in problems.not_applicable.items():
+        notes.append((f"{problems.source}: kohya key '{key}' ({', '.join(tables)}) does not apply to PFG: "
+                      f"{NOT_APPLICABLE[key][1]}; it is ignored", UnsupportedKeyWarning))
     for subset in (s for blueprint in blueprints for s in blueprint.subsets if s.is_reg):
         # PFG has no prior-preservation loss: say what happens to kohya's regularisation images
-        message = (f"{source}: {subset.name} has is_reg = true, but PFG training has no prior-preservation loss: "
-                   f"its images ({subset.image_dir}) train like the others; remove the subset to leave them out")
-        warnings.warn(message, UnsupportedKeyWarning, stacklevel=3)
-        ignored.append(message)
-    return DatasetConfig(source=source, datasets=tuple(blueprints), pfg_prompt=defaults.pfg_prompt,
-                         ignored_keys=tuple(ignored))
+        notes.append((f"{problems.source}: {subset.name} has is_reg = true, but PFG training has no prior-preservation "
+                      f"loss: its images ({subset.image_dir}) train like the others; remove the subset to leave them out",
+                      UnsupportedKeyWarning))
+    notes += [(message, AdjustedValueWarning) for message in problems.adjusted]
+    for message, category in notes:
+        warnings.warn(message, category, stacklevel=4)
+    return tuple(message for message, _ in notes)
 
 
 def _resolve(keys: Mapping[str, str], layers: list[tuple[str, Mapping[str, Any]]]) -> tuple[dict, dict]:
@@ -306,6 +387,9 @@ def _at(key: str, sources: Mapping[str, str], table: str) -> str:
 
 
 def _validate_dataset(name: str, v: dict[str, Any], src: dict[str, str], problems: Problems) -> None:
+    split = v["validation_split"]
+    if not 0.0 <= split < 1.0:
+        problems.add(name, f"{_at('validation_split', src, name)} = {split} must be within [0, 1)")
     try:
         v["resolution"] = parse_resolution(v["resolution"])
     except ValueError:
@@ -322,14 +406,22 @@ def _validate_dataset(name: str, v: dict[str, Any], src: dict[str, str], problem
     if steps < 8 or steps % 8:
         problems.add(name, f"{_at('bucket_reso_steps', src, name)} = {steps} must be a positive multiple of 8")
         return
+    if w % steps or h % steps:  # kohya's bucket table floors the area to the grid: say so, and do it
+        v["resolution"] = (w - w % steps, h - h % steps)
+        problems.adjust(name, f"{_at('resolution', src, name)} = {w}x{h} is not a multiple of bucket_reso_steps = {steps}: "
+                              f"the buckets are built for {v['resolution'][0]}x{v['resolution'][1]} (rounded down, as "
+                              "kohya's bucket table does)")
+        w, h = v["resolution"]
+    # kohya rounds the bucket limits onto the grid: the smallest down, the largest up
+    for key, rounded, how in (("min_bucket_reso", v["min_bucket_reso"] - v["min_bucket_reso"] % steps, "down"),
+                              ("max_bucket_reso", -(-v["max_bucket_reso"] // steps) * steps, "up")):
+        if rounded != v[key] and rounded > 0:
+            problems.adjust(name, f"{_at(key, src, name)} = {v[key]} is not a multiple of bucket_reso_steps = {steps}; "
+                                  f"using {rounded} (rounded {how}, as kohya does)")
+            v[key] = rounded
     lo, hi = v["min_bucket_reso"], v["max_bucket_reso"]
-    if w % steps or h % steps:
-        problems.add(name, f"{_at('resolution', src, name)} = {w}x{h} is not a multiple of "
-                           f"bucket_reso_steps = {steps} (set in {src['bucket_reso_steps']})")
-    for key, value in (("min_bucket_reso", lo), ("max_bucket_reso", hi)):
-        if value < steps or value % steps:
-            problems.add(name, f"{_at(key, src, name)} = {value} must be a positive multiple of "
-                               f"bucket_reso_steps = {steps}")
+    if lo < steps:
+        problems.add(name, f"{_at('min_bucket_reso', src, name)} = {lo} must be at least bucket_reso_steps = {steps}")
     if lo > hi:
         problems.add(name, f"{_at('min_bucket_reso', src, name)} = {lo} is larger than "
                            f"{_at('max_bucket_reso', src, name)} = {hi}")
@@ -339,28 +431,57 @@ def _validate_dataset(name: str, v: dict[str, Any], src: dict[str, str], problem
 
 
 def _make_subset(
-    name: str, v: dict[str, Any], src: dict[str, str], raw: Mapping[str, Any], config_dir: Path | None,
+    name: str, v: dict[str, Any], src: dict[str, str], table: Mapping[str, Any], config_dir: Path | None,
     problems: Problems,
 ) -> SubsetConfig | None:
     before = len(problems.messages)
-    if v["num_repeats"] < 1:
-        problems.add(name, f"{_at('num_repeats', src, name)} = {v['num_repeats']} must be at least 1")
-    if v["keep_tokens"] < 0:
-        problems.add(name, f"{_at('keep_tokens', src, name)} = {v['keep_tokens']} must be 0 or more")
-    rate = float(v["caption_dropout_rate"])
-    if not 0.0 <= rate <= 1.0:
-        problems.add(name, f"{_at('caption_dropout_rate', src, name)} = {rate} must be between 0 and 1")
+    if v["num_repeats"] < 0:
+        problems.add(name, f"{_at('num_repeats', src, name)} = {v['num_repeats']} must be at least 1 (0 skips the subset)")
+    for key in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min"):
+        if v[key] < 0:
+            problems.add(name, f"{_at(key, src, name)} = {v[key]} must be 0 or more")
+    if v["token_warmup_step"] < 0:
+        problems.add(name, f"{_at('token_warmup_step', src, name)} = {v['token_warmup_step']} must be 0 or more")
+    for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        v[key] = float(v[key])
+        if not 0.0 <= v[key] <= 1.0:
+            problems.add(name, f"{_at(key, src, name)} = {v[key]} must be between 0 and 1")
     ext = v["caption_extension"]
-    if not ext.startswith(".") or len(ext) < 2:
-        problems.add(name, f"{_at('caption_extension', src, name)} = {ext!r} must start with a dot, e.g. '.txt'")
+    if not ext:
+        problems.add(name, f"{_at('caption_extension', src, name)} is empty; give the extension of the caption files, e.g. '.txt'")
+    elif not ext.startswith("."):
+        v["caption_extension"] = "." + ext
+        problems.adjust(name, f"{_at('caption_extension', src, name)} = {ext!r} has no dot; using {'.' + ext!r}, as kohya does")
+    if not v["caption_separator"]:
+        problems.add(name, f"{_at('caption_separator', src, name)} is empty; the tags need a separator (kohya's is ',')")
+    interpolation = v["resize_interpolation"]
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        problems.add(name, f"{_at('resize_interpolation', src, name)} = {interpolation!r} is not one of "
+                           f"{', '.join(INTERPOLATIONS)}")
     if v["encoder"] is not None and not v["encoder"].strip():
         problems.add(name, f"{_at('encoder', src, name)} is empty; leave it out to accept any encoder")
 
+    metadata_file = None
+    if v["metadata_file"] is not None:
+        metadata_file = _absolute(v["metadata_file"])
+        for key in ("class_tokens", "caption_extension", "is_reg"):
+            if key in table:  # kohya's fine-tuning subsets take neither: the JSON holds the captions
+                problems.add(name, f"'{key}' does not go with metadata_file (kohya's fine-tuning subset: the images and "
+                                   "their captions come from the JSON)")
+        try:
+            entries = read_metadata_file(metadata_file)
+        except UserError as e:
+            problems.add(name, f"'metadata_file' = {v['metadata_file']!r}: {e}")
+        else:
+            if not entries:
+                problems.add(name, f"'metadata_file' = {v['metadata_file']!r} lists no images")
+            elif v["image_dir"] is None and any(not os.path.isabs(key) for key in entries):
+                problems.add(name, "missing key 'image_dir': the metadata_file's image keys are relative to it "
+                                   "(kohya's merge_captions_to_metadata.py writes file stems unless --full_path)")
     image_dir = None
     if v["image_dir"] is None:
-        hint = (" (fine-tuning style metadata_file datasets are not supported: point image_dir at the images "
-                "and put captions beside them)" if "metadata_file" in raw else "")
-        problems.add(name, f"missing required key 'image_dir'{hint}")
+        if metadata_file is None:
+            problems.add(name, "missing required key 'image_dir' (or a metadata_file, kohya's fine-tuning subset)")
     elif not v["image_dir"].strip():
         problems.add(name, "'image_dir' is empty")
     else:
@@ -376,12 +497,9 @@ def _make_subset(
             problems.add(name, f"'cache_dir' = {v['cache_dir']!r} is not a folder ({cache_dir})")
     if len(problems.messages) > before:
         return None
-    return SubsetConfig(
-        name=name, image_dir=image_dir, num_repeats=v["num_repeats"], caption_extension=ext,
-        class_tokens=v["class_tokens"], shuffle_caption=v["shuffle_caption"], keep_tokens=v["keep_tokens"],
-        caption_dropout_rate=rate, flip_aug=v["flip_aug"], is_reg=v["is_reg"], cache_dir=cache_dir,
-        encoder=v["encoder"], sources=src,
-    )
+    values = {k: v[k] for k in (*SUBSET_KEYS, *SUBSET_ONLY_KEYS)}
+    values.update(image_dir=image_dir, metadata_file=metadata_file, cache_dir=cache_dir)
+    return SubsetConfig(name=name, sources=src, **values)
 
 
 def _absolute(path: str) -> Path:
@@ -416,7 +534,7 @@ def format_config(config: DatasetConfig) -> str:
                 value = repr(value)
             source = obj.sources.get(key, COMMAND_LINE)
             where = "" if source == obj.name else f"  <- {source}"
-            lines.append(f"{indent}{key:<21} {value}{where}")
+            lines.append(f"{indent}{key:<30} {value}{where}")
 
     for dataset in config.datasets:
         lines.append(dataset.name)
@@ -424,8 +542,8 @@ def format_config(config: DatasetConfig) -> str:
         for subset in dataset.subsets:
             lines.append(f"  {subset.name}")
             show(subset, [*SUBSET_ONLY_KEYS, *SUBSET_KEYS], "    ")
-    if config.ignored_keys:
-        lines.append(f"warnings: {len(config.ignored_keys)} (see above)")
+    if config.notes:
+        lines.append(f"warnings: {len(config.notes)} (see above)")
     return "\n".join(lines)
 
 
@@ -439,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the resolved config as JSON")
     args = parser.parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnsupportedKeyWarning)
+        warnings.simplefilter("always", DatasetConfigWarning)
         config = load_dataset_config(args.config)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -457,4 +575,5 @@ def dataset_config_from_settings(settings: Any) -> DatasetConfig:
     defaults = DatasetDefaults.from_settings(settings)
     if getattr(settings, "dataset_config", None):
         return load_dataset_config(settings.dataset_config, defaults)
-    return config_from_train_data_dir(settings.train_data_dir, defaults)
+    return config_from_train_data_dir(settings.train_data_dir, defaults, getattr(settings, "reg_data_dir", None),
+                                      getattr(settings, "in_json", None))

@@ -1,6 +1,6 @@
-"""The dataset TOML's schema: which keys go in which table, their types, and the checks that
-turn a wrong key or value into a message naming the file, the table and the key (with the
-closest valid key). library/data/dataset_config.py builds the resolved config on top of it."""
+"""The dataset TOML's schema: which keys go in which table, their types (kohya's schema), and the
+checks that turn a wrong key or value into a message naming the file, the table and the key (with
+the closest valid key). library/data/dataset_config.py builds the resolved config on top of it."""
 from __future__ import annotations
 
 import difflib
@@ -18,6 +18,8 @@ DATASET_KEYS = {  # [general] and [[datasets]]
     "max_bucket_reso": "int",
     "bucket_reso_steps": "int",
     "bucket_no_upscale": "bool",
+    "validation_split": "float",
+    "validation_seed": "int",
 }
 SUBSET_KEYS = {  # [general], [[datasets]] and [[datasets.subsets]]
     "num_repeats": "int",
@@ -25,32 +27,58 @@ SUBSET_KEYS = {  # [general], [[datasets]] and [[datasets.subsets]]
     "class_tokens": "str",
     "shuffle_caption": "bool",
     "keep_tokens": "int",
-    "caption_dropout_rate": "float",
+    "keep_tokens_separator": "str",
+    "caption_separator": "str",
+    "secondary_separator": "str",
+    "caption_prefix": "str",
+    "caption_suffix": "str",
+    "enable_wildcard": "bool",
+    "caption_dropout_rate": "number",
+    "caption_dropout_every_n_epochs": "int",
+    "caption_tag_dropout_rate": "number",
+    "token_warmup_min": "int",
+    "token_warmup_step": "number",
     "flip_aug": "bool",
+    "color_aug": "bool",
+    "random_crop": "bool",
+    "resize_interpolation": "str",
     "encoder": "str",
 }
 SUBSET_ONLY_KEYS = {  # [[datasets.subsets]] only
     "image_dir": "str",
+    "metadata_file": "str",
     "is_reg": "bool",
+    "alpha_mask": "bool",
     "cache_dir": "str",  # subset only: a shared cache folder would mix up equal file names
 }
 
-# kohya keys accepted with a warning, by the same placement rules.
-KOHYA_UNSUPPORTED_DATASET_KEYS = ("network_multiplier", "validation_seed", "validation_split")
-KOHYA_UNSUPPORTED_SUBSET_KEYS = (
-    "color_aug", "face_crop_aug_range", "random_crop", "keep_tokens_separator", "secondary_separator",
-    "caption_separator", "enable_wildcard", "token_warmup_min", "token_warmup_step", "caption_prefix",
-    "caption_suffix", "custom_attributes", "resize_interpolation", "caption_dropout_every_n_epochs",
-    "caption_tag_dropout_rate", "cache_info",
-)
-KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS = ("alpha_mask", "metadata_file", "conditioning_data_dir")
+# kohya keys that do not apply to PFG: accepted (type-checked) with a warning saying why.
+NOT_APPLICABLE_DATASET_KEYS = {
+    "network_multiplier": ("float", "it scales a kohya network module per dataset; PFG's LoRA trains at "
+                                    "multiplier 1 (set the strength when generating: gen_pfg.py --network_mul)"),
+}
+NOT_APPLICABLE_SUBSET_KEYS = {
+    "face_crop_aug_range": ("pair", "kohya's face crop reads face positions from the file names, which PFG's bucketing "
+                                    "does not; random_crop works"),
+    "custom_attributes": ("table", "only custom kohya network modules read it; PFG has none"),
+    "cache_info": ("bool", "PFG scripts read image sizes from the file headers and captions from their files on every "
+                           "run, so there is nothing to cache"),
+}
+NOT_APPLICABLE_SUBSET_ONLY_KEYS = {
+    "conditioning_data_dir": ("str", "it holds ControlNet conditioning (or mask) images; PFG conditions on the encoder's "
+                                     "image vectors, and masked loss reads the images' alpha channel (alpha_mask)"),
+}
+NOT_APPLICABLE = {**NOT_APPLICABLE_DATASET_KEYS, **NOT_APPLICABLE_SUBSET_KEYS, **NOT_APPLICABLE_SUBSET_ONLY_KEYS}
 
-GENERAL_ALLOWED = {*DATASET_KEYS, *SUBSET_KEYS, *KOHYA_UNSUPPORTED_DATASET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_KEYS}
+GENERAL_ALLOWED = {*DATASET_KEYS, *SUBSET_KEYS, *NOT_APPLICABLE_DATASET_KEYS, *NOT_APPLICABLE_SUBSET_KEYS}
 DATASET_ALLOWED = GENERAL_ALLOWED | {"subsets"}
-SUBSET_ALLOWED = {*SUBSET_KEYS, *SUBSET_ONLY_KEYS, *KOHYA_UNSUPPORTED_SUBSET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS}
-UNSUPPORTED = {*KOHYA_UNSUPPORTED_DATASET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_KEYS, *KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS}
-TYPE_NAMES = {"int": "an integer", "bool": "true or false", "float": "a number", "str": "a string",
-               "resolution": "an integer or [width, height]"}
+SUBSET_ALLOWED = {*SUBSET_KEYS, *SUBSET_ONLY_KEYS, *NOT_APPLICABLE_SUBSET_KEYS, *NOT_APPLICABLE_SUBSET_ONLY_KEYS}
+TYPES = {**DATASET_KEYS, **SUBSET_KEYS, **SUBSET_ONLY_KEYS, **{k: kind for k, (kind, _) in NOT_APPLICABLE.items()}}
+TYPE_NAMES = {"int": "an integer", "bool": "true or false", "number": "a number", "str": "a string",
+              "float": "a number with a decimal point (kohya's schema takes a float here, e.g. 1.0)",
+              "resolution": "an integer or [width, height]", "pair": "two numbers with a decimal point, e.g. [2.0, 4.0]",
+              "table": "a table"}
+INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area", "box")  # kohya's names
 
 
 def parse_resolution(value: Any) -> tuple[int, int]:
@@ -81,15 +109,20 @@ def subset_name(i: int, j: int) -> str:
 
 
 class Problems:
-    """Collects every problem so one run reports them all, each naming file, table and key."""
+    """Collects every problem so one run reports them all, each naming file, table and key; and
+    the warnings: keys that do not apply (by key, with their tables) and adjusted values."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.messages: list[str] = []
-        self.unsupported: dict[str, list[str]] = {}
+        self.not_applicable: dict[str, list[str]] = {}
+        self.adjusted: list[str] = []
 
     def add(self, table: str, message: str) -> None:
         self.messages.append(f"{self.source}: {table}: {message}")
+
+    def adjust(self, table: str, message: str) -> None:
+        self.adjusted.append(f"{self.source}: {table}: {message}")
 
     def raise_if_any(self) -> None:
         if len(self.messages) == 1:
@@ -98,18 +131,28 @@ class Problems:
             raise UserError(f"{len(self.messages)} problems in the dataset config:\n" + "\n".join(self.messages))
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
+
+
 def check_type(kind: str, value: Any) -> tuple[bool, Any]:
-    """(ok, normalized value)."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)  # TOML true is not 1
+    """(ok, normalized value), by kohya's schema: `float` keys take only floats, `number` keys both."""
     if kind == "int":
-        return is_int, value
-    if kind == "float":
-        ok = is_int or isinstance(value, float)
+        return _is_int(value), value
+    if kind == "number":
+        ok = _is_int(value) or isinstance(value, float)
         return ok, float(value) if ok else value
+    if kind == "float":
+        return isinstance(value, float), value
     if kind == "bool":
         return isinstance(value, bool), value
     if kind == "str":
         return isinstance(value, str), value
+    if kind == "pair":
+        ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value)
+        return ok, tuple(value) if ok else value
+    if kind == "table":
+        return isinstance(value, dict), value
     if isinstance(value, str):  # kohya's schema takes numbers only; "512" is a typo here
         return False, value
     try:
@@ -126,36 +169,35 @@ def describe(value: Any) -> str:
 def check_table(table: Mapping[str, Any], name: str, level: str, problems: Problems) -> dict[str, Any]:
     """Validate one table's keys and types; return its implemented keys with normalized values."""
     allowed = {"general": GENERAL_ALLOWED, "dataset": DATASET_ALLOWED, "subset": SUBSET_ALLOWED}[level]
-    types = {**DATASET_KEYS, **SUBSET_KEYS, **SUBSET_ONLY_KEYS}
     checked: dict[str, Any] = {}
     for key, value in table.items():
         if key not in allowed:
             problems.add(name, misplaced_or_unknown(key, allowed))
-        elif key in UNSUPPORTED:
-            problems.unsupported.setdefault(key, []).append(name)
-        elif key == "subsets":
             continue
+        if key == "subsets":
+            continue
+        ok, normalized = check_type(TYPES[key], value)
+        if not ok:
+            problems.add(name, f"'{key}' must be {TYPE_NAMES[TYPES[key]]}, got {describe(value)}")
+        elif key in NOT_APPLICABLE:
+            problems.not_applicable.setdefault(key, []).append(name)
         else:
-            ok, normalized = check_type(types[key], value)
-            if ok:
-                checked[key] = normalized
-            else:
-                problems.add(name, f"'{key}' must be {TYPE_NAMES[types[key]]}, got {describe(value)}")
+            checked[key] = normalized
     return checked
 
 
 def misplaced_or_unknown(key: str, allowed: set[str]) -> str:
-    if key in DATASET_KEYS or key in KOHYA_UNSUPPORTED_DATASET_KEYS:
+    if key in DATASET_KEYS or key in NOT_APPLICABLE_DATASET_KEYS:
         return f"'{key}' is a dataset setting: move it to the [[datasets]] table or to [general]"
     if key == "cache_dir":
         return ("'cache_dir' belongs in a [[datasets.subsets]] table: one per subset, as caches of images "
                 "with equal file names would collide")
-    if key in SUBSET_ONLY_KEYS or key in KOHYA_UNSUPPORTED_SUBSET_ONLY_KEYS:
+    if key in SUBSET_ONLY_KEYS or key in NOT_APPLICABLE_SUBSET_ONLY_KEYS:
         return f"'{key}' belongs in a [[datasets.subsets]] table"
     if key == "subsets":
         return "'subsets' belongs under a [[datasets]] table ([[datasets.subsets]])"
     close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
-    valid = ", ".join(sorted(allowed - UNSUPPORTED))
+    valid = ", ".join(sorted(allowed - set(NOT_APPLICABLE)))
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {valid}"
     return f"unknown key '{key}'{hint}"
 

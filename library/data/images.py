@@ -49,7 +49,23 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image as RGB: EXIF rotation applied, first frame of animations, alpha on white."""
-    path = Path(path)
+    return to_rgb(_open(Path(path), max_pixels))
+
+
+def load_image_with_alpha(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, Image.Image | None]:
+    """(RGB as load_image gives it, its alpha channel as an "L" image, or None without one): for
+    kohya's alpha_mask, where transparency weighs the loss."""
+    im = _open(Path(path), max_pixels)
+    alpha = im.convert("RGBA").getchannel("A") if has_alpha(im) else None
+    return to_rgb(im), alpha
+
+
+def has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """The decoded first frame, EXIF rotation applied, in its own mode."""
     try:
         if path.stat().st_size == 0:
             raise ImageLoadError(path, "empty file (0 bytes)")
@@ -58,8 +74,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
             if w * h > max_pixels:
                 raise ImageLoadError(path, f"{w}x{h} is {w * h:,} pixels, above the decompression-bomb limit of {max_pixels:,}")
             im.load()  # first frame only; decoding errors surface here
-            im = _apply_exif_rotation(im)
-            return to_rgb(im)
+            return _apply_exif_rotation(im)
     except ImageLoadError:
         raise
     except FileNotFoundError:
@@ -90,7 +105,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         im = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L")
     elif im.mode == "F":
         im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+    if has_alpha(im):
         rgba = im.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         canvas.alpha_composite(rgba)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from library.data.augment import bucket_image, to_tensor
 from library.data.buckets import BucketAssignment
 from library.fileio import atomic_path
 from library.data.images import load_image
@@ -24,13 +25,15 @@ from library.data.images import load_image
 
 class LatentJob(NamedTuple):
     """One image to encode: where it is, its bucket, its size before bucketing (kept in the cache,
-    as kohya does), the cache folder (None: beside the image) and whether a mirrored copy is needed."""
+    as kohya does), the cache folder (None: beside the image), whether a mirrored copy is needed
+    and the subset's resize_interpolation (None: lanczos)."""
 
     image_path: Path
     assignment: BucketAssignment
     original_size: tuple[int, int]
     cache_dir: Path | None
     flip: bool
+    interpolation: str | None = None
 
     @property
     def cache_path(self) -> Path:
@@ -51,16 +54,13 @@ def vae_id(vae: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def bucket_pixels(image_path: Path, assignment: BucketAssignment, flip: bool = False) -> torch.Tensor:
+def bucket_pixels(image_path: Path, assignment: BucketAssignment, flip: bool = False,
+                  interpolation: str | None = None) -> torch.Tensor:
     """Load, resize to cover the bucket, crop, optionally mirror; (3, H, W) in [-1, 1]."""
-    image = load_image(image_path)
-    if image.size != assignment.resized_size:
-        image = image.resize(assignment.resized_size, Image.Resampling.LANCZOS)
-    image = image.crop(assignment.crop_ltrb)
+    image = bucket_image(load_image(image_path), assignment, interpolation)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return to_tensor(image)
 
 
 @torch.no_grad()
@@ -159,7 +159,8 @@ def cache_latents(
     for bucket_indices in todo.values():
         for start in range(0, len(bucket_indices), batch_size):
             chunk = bucket_indices[start : start + batch_size]
-            pixels = torch.stack([bucket_pixels(jobs[i].image_path, jobs[i].assignment) for i in chunk])
+            pixels = torch.stack([bucket_pixels(jobs[i].image_path, jobs[i].assignment, interpolation=jobs[i].interpolation)
+                                  for i in chunk])
             latents = encode_pixels(vae, pixels).float().cpu()
             flipped = None
             if any(jobs[i].flip for i in chunk):

@@ -14,8 +14,9 @@ from typing import TypeVar
 import numpy as np
 
 from library.data.dataset_config import DatasetConfig, DatasetDefaults, SubsetConfig, config_from_train_data_dir, load_dataset_config
+from library.data.dataset import subset_images
 from library.data.features import feature_cache_path, load_valid_feature
-from library.data.images import IMAGE_EXTENSIONS, list_images
+from library.data.images import IMAGE_EXTENSIONS
 from library.data.tags import CaptionWriter, load_tag_list
 from library.errors import UserError
 from library.models.image_encoders import ImageEncoder, detect_encoder_kind, load_encoder
@@ -25,9 +26,10 @@ from library.prepare.settings import PrepareSettings
 T = TypeVar("T")
 
 
-def prepare_features(settings: PrepareSettings) -> int:
-    """Run the job; 0 when every image has its caches, 1 when some failed (each reported)."""
-    config = load_config(settings)
+def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = None) -> int:
+    """Run the job; 0 when every image has its caches, 1 when some failed (each reported). `config`
+    is the dataset as train_pfg.py resolved it (its command-line fallbacks), else it is loaded here."""
+    config = config or load_config(settings)
     subsets = [subset for _, subset in config.iter_subsets()]
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     jobs, clashes = split_duplicates(collect_jobs(subsets, cache_dir))  # before sharing: clashes span processes
@@ -73,16 +75,19 @@ def load_config(settings: PrepareSettings) -> DatasetConfig:
     defaults = DatasetDefaults(resolution=settings.resolution_wh)
     if settings.dataset_config:
         return load_dataset_config(settings.dataset_config, defaults)
-    return config_from_train_data_dir(settings.train_data_dir, defaults)
+    return config_from_train_data_dir(settings.train_data_dir, defaults, settings.reg_data_dir, settings.in_json)
 
 
 def collect_jobs(subsets: list[SubsetConfig], cache_dir: Path | None) -> list[Job]:
     jobs: list[Job] = []
     for subset in subsets:
         folder = cache_dir or subset.cache_dir
-        images = list_images(subset.image_dir)
+        listed, missing = subset_images(subset)  # a folder, or a metadata_file's entries
+        for error in missing:
+            print(f"skipped {error.path}: {error.reason}")
+        images = [path for path, _ in listed]
         if not images:
-            print(f"warning: no images in {subset.image_dir} ({subset.name})")
+            print(f"warning: no images in {subset.metadata_file or subset.image_dir} ({subset.name})")
         jobs += [Job(p, feature_cache_path(p, folder)) for p in images]
     if not jobs:
         raise UserError("no images found (extensions: " + " ".join(IMAGE_EXTENSIONS) + ")")

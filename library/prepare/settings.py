@@ -16,7 +16,9 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 class PrepareSettings:
     # the images
     train_data_dir: str = setting("", "folder of training images (kohya's <repeats>_<name> subfolders work too)")
-    dataset_config: str = setting("", "kohya-style dataset TOML; every subset's image_dir is processed")
+    dataset_config: str = setting("", "kohya-style dataset TOML; every subset's image_dir (or metadata_file) is processed")
+    reg_data_dir: str = setting("", "kohya's regularisation images folder, beside --train_data_dir")
+    in_json: str = setting("", "kohya's fine-tuning metadata JSON of --train_data_dir: its entries are the images")
     # the image encoder
     tagger_model: str = setting("", "the image encoder: WD tagger folder (model.onnx + selected_tags.csv), .onnx file or hub id; "
                                     "or a CLIP vision folder (config.json + safetensors, from save_pretrained) or hub id")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from library.data.dataset import TrainItem, epoch_batches
+from library.data.dataset import SampleKey, TrainItem, at_steps, epoch_batches
 from library.errors import UserError
 
 
@@ -26,13 +26,15 @@ class EpochPlan:
         return cls(items, batch_sizes, settings.seed, accelerator.num_processes, accelerator.process_index,
                    settings.gradient_accumulation_steps, settings.max_train_steps, settings.max_train_epochs)
 
-    def batches_for_epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+    def batches_for_epoch(self, epoch: int) -> list[list[SampleKey]]:
         """This process's share of the epoch: batch k goes to process k mod world size."""
         batches = epoch_batches(self.items, self.batch_sizes, self.seed, epoch)
         per_process = len(batches) // self.num_processes  # equal counts keep DDP processes in step
         if per_process == 0:
             raise UserError(f"the dataset gives {len(batches)} batches per epoch, fewer than the {self.num_processes} processes")
-        return batches[self.process_index :: self.num_processes][:per_process]
+        share = batches[self.process_index :: self.num_processes][:per_process]
+        # each key learns the optimizer step it trains at: kohya's token warmup reads it
+        return at_steps(share, epoch * math.ceil(per_process / self.gradient_accumulation_steps), self.gradient_accumulation_steps)
 
     def batches_left_out(self) -> int:
         """Batches of an epoch no process takes (fewer than the process count; others each epoch)."""

@@ -10,12 +10,13 @@ import torch
 
 from library.sample.image_outputs import save_png
 from library.sample.prompt_file import read_prompt_file
-from library.sample.sampler import PFGSampler, SampleRequest, a1111_parameters
+from library.sample.sampler import PFGSampler, SampleRequest, a1111_parameters, canonical_sampler
 
 
 def read_sample_requests(prompt_file: str, resolution: tuple[int, int], sampler: str) -> list[SampleRequest]:
     """Parsed at start-up, so a bad prompt file fails before any model loads."""
-    defaults = SampleRequest(prompt="", width=resolution[0], height=resolution[1], steps=20, scale=7.0, seed=0, sampler=sampler)
+    defaults = SampleRequest(prompt="", width=resolution[0], height=resolution[1], steps=20, scale=7.0, seed=0,
+                             sampler=canonical_sampler(sampler))  # kohya's --sample_sampler names (k_euler_a) too
     return read_prompt_file(prompt_file, defaults)
 
 

@@ -18,12 +18,12 @@ from library.models.loading import SDModel, move
 from library.models.pfg import PFGAdapter, PFGShape, check_compatible, load_pfg
 from library.train.settings import TrainSettings
 
-PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.device) -> None:
     """Freeze the VAE and text encoder (kept in the autocast dtype to save memory); the UNet
-    trains in fp32 (or bf16 with --full_bf16), or is frozen too with --train_unet none. With
+    trains in fp32 (or bf16/fp16 with --full_bf16/--full_fp16), or is frozen too with --train_unet none. With
     --train_unet lora the UNet is frozen in the autocast dtype and only its LoRA layers train."""
     frozen_dtype = PRECISION_DTYPES[settings.mixed_precision]
     for module in (model.vae, model.text_encoder, model.text_encoder_2):
@@ -32,16 +32,17 @@ def prepare_sd_model(model: SDModel, settings: TrainSettings, device: torch.devi
         module.requires_grad_(False)
         module.eval()
         # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, unless
-        # --vae gave a fixed (fp16-safe) one, which follows the training precision.
-        fp32_vae = (module is model.vae and getattr(module.config, "force_upcast", False) and not settings.vae
-                    and frozen_dtype == torch.float16)
+        # --vae gave a fixed (fp16-safe) one, which follows the training precision; --no_half_vae keeps any VAE in fp32.
+        fp32_vae = module is model.vae and (settings.no_half_vae or (getattr(module.config, "force_upcast", False)
+                                                                     and not settings.vae and frozen_dtype == torch.float16))
         move(module, device, torch.float32 if fp32_vae else frozen_dtype)
     train_unet = settings.train_unet == "full"
     model.unet.requires_grad_(train_unet)
-    unet_dtype = torch.bfloat16 if settings.full_bf16 else (torch.float32 if train_unet else frozen_dtype)
+    trained_dtype = PRECISION_DTYPES[settings.trained_precision]  # fp32, or bf16/fp16 with --full_bf16/--full_fp16
+    unet_dtype = trained_dtype if train_unet else frozen_dtype
     move(model.unet, device, unet_dtype)
     if settings.train_unet == "lora":
-        add_unet_lora(model.unet, lora_shape(settings), torch.bfloat16 if settings.full_bf16 else torch.float32, settings.network_weights)
+        add_unet_lora(model.unet, lora_shape(settings), trained_dtype, settings.network_weights)
     set_attention_backend(model.unet, settings.attention)
     if settings.gradient_checkpointing:
         # Also useful with a frozen UNet: gradients still flow through it to the PFG tokens.
@@ -85,8 +86,7 @@ def build_adapter(settings: TrainSettings, input_dim: int, cross_attention_dim: 
             print(f"--resume_pfg has {adapter.shape.num_tokens} tokens; using that instead of --pfg_num_tokens {settings.pfg_num_tokens}")
     else:
         adapter = PFGAdapter(PFGShape(settings.pfg_num_tokens, input_dim, cross_attention_dim, settings.pfg_hidden_dim, pooled_dim))
-    dtype = torch.bfloat16 if settings.full_bf16 else torch.float32
-    return adapter.to(device, dtype=dtype)
+    return adapter.to(device, dtype=PRECISION_DTYPES[settings.trained_precision])
 
 
 def parameter_groups(settings: TrainSettings, adapter: PFGAdapter, unet: torch.nn.Module) -> list[dict]:

@@ -48,6 +48,6 @@ def run_summary(settings, items: list[TrainItem], dataset_config: DatasetConfig,
         "ss_pfg_dropout": settings.pfg_dropout,
         "ss_pfg_prompt": settings.pfg_prompt,
         "ss_num_train_images": len(items),
-        "ss_dataset_dirs": {str(s.image_dir): {"n_repeats": s.num_repeats} for _, s in dataset_config.iter_subsets()},
+        "ss_dataset_dirs": {str(s.metadata_file or s.image_dir): {"n_repeats": s.num_repeats} for _, s in dataset_config.iter_subsets()},
         "ss_bucket_info": {f"{w}x{h}": n for (w, h), n in sorted(bucket_counts(items).items())},
     }

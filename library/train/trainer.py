@@ -146,7 +146,10 @@ class PFGTrainer:
         tokens = self.pfg_tokens(features, text_states, drop)
         prediction = self.call_unet(noisy, timesteps, text_states, tokens, self.added_conditions(batch, latents, pooled, features, drop))
         target = self.training_target(latents, noise, timesteps)
-        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        if "masks" in batch:  # kohya's masked loss: the alpha mask, scaled to the latents by area, weighs each element
+            loss = loss * F.interpolate(batch["masks"].to(loss)[:, None], size=loss.shape[2:], mode="area")
+        per_sample = loss.mean(dim=(1, 2, 3))
         if self.options.min_snr_gamma > 0:
             per_sample = per_sample * self.snr_weights(timesteps)
         return per_sample.mean()

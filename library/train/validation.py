@@ -3,20 +3,7 @@ denoising loss and the conditioning gain (loss with other images' vectors minus 
 image's own), computed by library/evaluation/metrics.py — the same code as eval_pfg.py."""
 from __future__ import annotations
 
-import random
-
 from library.evaluation.metrics import EvalSample, evaluate_denoising
-
-
-def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training items, held-out items): a seeded, reproducible choice of whole images."""
-    if fraction <= 0:
-        return items, []
-    order = list(range(len(items)))
-    random.Random(f"validation-{seed}").shuffle(order)
-    count = min(len(items) - 1, max(2, round(fraction * len(items))))
-    held = set(order[:count])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 class TrainingValidation:
