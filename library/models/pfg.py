@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.fileio import atomic_path
-from library.tensor_files import TORCH_LOAD_ERRORS, read_safetensors, safetensors_errors
+from library.tensor_files import TORCH_LOAD_ERRORS, read_safetensors, safetensors_errors, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -217,14 +216,15 @@ def save_pfg(
     metadata: dict[str, str],
     dtype: torch.dtype | None = None,
     save_pt: bool = False,
+    hashes: bool = False,
 ) -> list[Path]:
-    """Write `NAME-pfg.safetensors` (and `NAME-pfg.pt` when asked), atomically."""
+    """Write `NAME-pfg.safetensors` (and `NAME-pfg.pt` when asked), atomically; `hashes` adds
+    kohya's sshs_* keys."""
     path = Path(path)
-    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    write_safetensors(path, adapter.state_dict(), metadata, dtype=dtype, hashes=hashes)
     written = [path]
     if save_pt:
+        state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
         pt_path = path.with_suffix(".pt")
         with atomic_path(pt_path) as tmp:
             torch.save(state, tmp)
