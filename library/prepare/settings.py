@@ -17,6 +17,8 @@ class PrepareSettings:
     # the images
     train_data_dir: str = setting("", "folder of training images (kohya's <repeats>_<name> subfolders work too)")
     dataset_config: str = setting("", "kohya-style dataset TOML; every subset's image_dir is processed")
+    recursive: bool = setting(False, "with --train_data_dir: also the images in its subfolders, each folder as a subset of its own "
+                                     "(kohya's tagger flag; hidden folders are left out). Train on them with a dataset TOML listing the folders")
     # the image encoder
     tagger_model: str = setting("", "the image encoder: WD tagger folder (model.onnx + selected_tags.csv), .onnx file or hub id; "
                                     "or a CLIP vision folder (config.json + safetensors, from save_pretrained) or hub id")
@@ -60,6 +62,8 @@ class PrepareSettings:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.cache_dir and self.dataset_config:
             raise UserError("--cache_dir applies to --train_data_dir; with --dataset_config set cache_dir in the subsets")
+        if self.recursive and self.dataset_config:
+            raise UserError("--recursive applies to --train_data_dir; with --dataset_config list each folder as a subset")
         if self.cache_latents and not self.pretrained_model_name_or_path:
             raise UserError("--cache_latents needs --pretrained_model_name_or_path (the SD model whose VAE the trainer uses)")
         for name in ("tag_threshold", "character_threshold"):
