@@ -21,8 +21,8 @@ SUFFIX = "_pfg.npz"
 
 def feature_cache_path(image_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """`<stem>_pfg.npz` beside the image, or inside cache_dir when one is given."""
-    image_path = Path(image_path)
-    folder = Path(cache_dir) if cache_dir is not None else image_path.parent
+    image_path = image_path if isinstance(image_path, Path) else Path(image_path)  # once per image per start
+    folder = image_path.parent if cache_dir is None else cache_dir if isinstance(cache_dir, Path) else Path(cache_dir)
     return folder / f"{image_path.stem}{SUFFIX}"
 
 

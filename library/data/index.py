@@ -329,7 +329,7 @@ class FolderIndex:
 
     def _row(self, image_path: Path) -> int:
         self.images()
-        return self.row_of[Path(image_path).name]
+        return self.row_of[os.path.basename(image_path)]  # not Path(...): this runs once per image per start
 
     # -- feature caches ---------------------------------------------------------------------
 
@@ -389,7 +389,7 @@ class FolderIndex:
     def vector_source(self, image_path: Path) -> tuple[np.ndarray, int] | None:
         """(block, row) holding the image's vector as last validated by `feature`; None when the
         index keeps none (a stale or non-finite cache, or one of a rarer encoder in this folder)."""
-        row = self.row_of[Path(image_path).name]
+        row = self.row_of[os.path.basename(image_path)]
         if row in self.fresh:
             return self.fresh[row][None], 0
         k = int(self.vector_row[row])
@@ -433,6 +433,9 @@ class DatasetIndex:
         self._folders: dict[tuple[Path, Path | None], FolderIndex] = {}
 
     def folder(self, image_dir: Path, cache_dir: Path | None) -> FolderIndex:
+        found = self._folders.get((image_dir, cache_dir))  # asked once per image: no new Paths when known
+        if found is not None:
+            return found
         key = (Path(image_dir), Path(cache_dir) if cache_dir is not None else None)
         if key not in self._folders:
             self._folders[key] = FolderIndex(key[0], key[1], self.main, self.say)

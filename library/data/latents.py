@@ -42,8 +42,9 @@ class LatentJob(NamedTuple):
 
 
 def latent_cache_path(image_path: Path, bucket: tuple[int, int], cache_dir: Path | None = None) -> Path:
-    folder = Path(cache_dir) if cache_dir is not None else Path(image_path).parent
-    return folder / f"{Path(image_path).stem}_{bucket[0]:04d}x{bucket[1]:04d}_sd.npz"
+    image_path = image_path if isinstance(image_path, Path) else Path(image_path)
+    folder = image_path.parent if cache_dir is None else cache_dir if isinstance(cache_dir, Path) else Path(cache_dir)
+    return folder / f"{image_path.stem}_{bucket[0]:04d}x{bucket[1]:04d}_sd.npz"
 
 
 def vae_id(vae: torch.nn.Module) -> str:
