@@ -17,8 +17,6 @@ class PrepareSettings:
     # the images
     train_data_dir: str = setting("", "folder of training images (kohya's <repeats>_<name> subfolders work too)")
     dataset_config: str = setting("", "kohya-style dataset TOML; every subset's image_dir is processed")
-    recursive: bool = setting(False, "with --train_data_dir: also the images in its subfolders, each folder as a subset of its own "
-                                     "(kohya's tagger flag; hidden folders are left out). Train on them with a dataset TOML listing the folders")
     # the image encoder
     tagger_model: str = setting("", "the image encoder: WD tagger folder (model.onnx + selected_tags.csv), .onnx file or hub id; "
                                     "or a CLIP vision folder (config.json + safetensors, from save_pretrained) or hub id")
@@ -31,6 +29,8 @@ class PrepareSettings:
     num_workers: int = setting(DEFAULT_WORKERS, "image decoding threads")
     cache_dir: str = setting("", "write caches here instead of beside the images (--train_data_dir only; train with a dataset "
                                  "TOML whose subsets set the same cache_dir)")
+    recursive: bool = setting(False, "with --train_data_dir: also the images in its subfolders, each folder as a subset of its own "
+                                     "(kohya's tagger flag; hidden folders are left out). Train on them with a dataset TOML listing the folders")
     # tag captions (WD taggers)
     write_tags: bool = setting(False, "write kohya-style tag captions from the same forward pass")
     tag_threshold: float = setting(0.35, "probability threshold of general tags")

@@ -63,8 +63,7 @@ class TrainSettings:
     sdpa: bool = setting(False, "torch scaled-dot-product attention (the default)")
     xformers: bool = setting(False, "xformers attention (CUDA only, optional install)")
     cache_latents: bool = setting(False, "encode all latents once before training and keep them in memory")
-    cache_latents_to_disk: bool = setting(False, "encode missing latents once into validated *_sd.npz files and read each batch's "
-                                                  "from them when it comes: host memory stays flat however large the dataset")
+    cache_latents_to_disk: bool = setting(False, "like --cache_latents but stored in validated *_sd.npz files")
     dataloader_workers: int = setting(0, "DataLoader worker processes")
     # outputs
     save_model_as: str = setting("safetensors", "full UNet output: single-file safetensors/ckpt, or a diffusers folder", choices=("safetensors", "ckpt", "diffusers"))
