@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.optimization import get_scheduler
 
     from library.data.buckets import format_bucket_table
-    from library.data.dataset import PFGDataset, bucket_counts, collect_items, load_features
+    from library.data.dataset import PFGDataset, bucket_counts, collect_items, load_feature_table
+    from library.data.index import DatasetIndex
     from library.metadata import training_metadata
     from library.models.loading import load_sd_model
     from library.train.loop import LoopOptions, TrainLoop
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         TrainedModules, build_adapter, check_output_dir, check_sharding, cpu_bf16_conv_warning, fill_deepspeed_config,
         parameter_groups, prepare_sd_model, prepare_trained, process_group_kwargs, resume_point, trained_modules,
     )
+    from library.train.latents import training_latents
     from library.train.summary import run_summary
     from library.train.trainer import PFGTrainer, StepOptions
 
@@ -70,14 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         allow_fp16_gradients(accelerator)
     set_seed(settings.seed)
 
-    # 2. Images, buckets, captions and PFG vectors.
-    items, failures = collect_items(dataset_config, settings.pfg_prompt)
+    # 2. Images, buckets, captions and PFG vectors, checked against each folder's index (one
+    # directory scan and one stat per cache; only what changed is opened).
+    data_index = DatasetIndex(main=accelerator.is_local_main_process, say=accelerator.print)
+    items, failures = collect_items(dataset_config, settings.pfg_prompt, data_index)
     for failure in failures:
         accelerator.print(f"skipped {failure.path}: {failure.reason}")
     if not items:
         raise UserError(f"{dataset_config.source}: no usable images found")
     ensure_features(dataset_config, settings, accelerator)
-    features, encoder_id = load_features(items)
+    features, encoder_id = load_feature_table(items, data_index)
     (items, features), (held_out, held_out_features) = split_validation(items, features, dataset_config, settings)
     accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})"
                       + (f"; {len(held_out)} held out for validation" if held_out else ""))
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         model.vae = load_vae(settings.vae)
     # Before the VAE is cast to the training precision: caches are made (and validated) with the
     # VAE's own fp32 weights, so prepare_features.py's caches match whatever precision.
-    latents = cached_latents(items, model.vae, settings, accelerator)
+    latents = training_latents(items, model.vae, settings, accelerator, data_index)
     prepare_sd_model(model, settings, accelerator.device)
     warning = cpu_bf16_conv_warning(settings, model, bucket_counts(items), accelerator.device)
     if warning:
@@ -172,23 +176,6 @@ def ensure_features(dataset_config, settings, accelerator) -> None:
     if failed:
         where = "" if accelerator.num_processes == 1 else f" by process {', '.join(map(str, failed))}"
         raise UserError(f"some images could not be encoded (listed above{where}); fix or remove them, then train again")
-
-
-def cached_latents(items, vae, settings, accelerator) -> dict | None:
-    """With --cache_latents(_to_disk), every item's latents (valid disk caches read, the rest
-    encoded); None when latents are encoded batch by batch during training."""
-    if not (settings.cache_latents or settings.cache_latents_to_disk):
-        return None
-    from library.data.latents import cache_latents
-
-    jobs = [item.latent_job() for item in items]
-    vae = vae.to(accelerator.device)
-    progress = accelerator.is_local_main_process
-    if settings.cache_latents_to_disk and accelerator.num_processes > 1:
-        # Each process encodes its share into the disk cache; then all read every cache.
-        cache_latents(jobs[accelerator.process_index :: accelerator.num_processes], vae, to_disk=True, progress=progress)
-        accelerator.wait_for_everyone()
-    return cache_latents(jobs, vae, to_disk=settings.cache_latents_to_disk, progress=progress)
 
 
 def split_validation(items, features, dataset_config, settings):

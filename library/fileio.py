@@ -1,6 +1,11 @@
 """Atomic file writes: every output goes to a temporary name and is renamed into place,
 so a crash never leaves a half-written file behind; a full disk or a read-only folder is said
-in one line naming the file and the free space (WriteFailed), with the partial file removed."""
+in one line naming the file and the free space (WriteFailed), with the partial file removed.
+
+A process killed mid-write (the out-of-memory killer, kill -9) cannot remove its temporary file;
+the names say which process made them (`.NAME.<host>~<pid>.XXXXXXXX.tmp.safetensors`), so the next
+run removes those whose process is gone (`remove_stale_temporaries`).
+"""
 from __future__ import annotations
 
 import errno
@@ -9,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,7 +118,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     with failures_said(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         suffix = suffix if suffix is not None else "".join(path.suffixes[-1:])
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + suffix, dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.{_owner()}.", suffix=".tmp" + suffix, dir=path.parent)
         os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -131,7 +137,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with failures_said(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent))
     try:
         with failures_said(path):
             yield tmp
@@ -139,6 +145,45 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}~{os.getpid()}"
+
+
+# `.NAME.<host>~<pid>.<mkstemp's 8 characters>.tmp[suffix]`
+_TEMPORARY = re.compile(r"^\..*\.(?P<host>[^~/]+)~(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
+
+
+def is_stale_temporary(name: str) -> bool:
+    """A temporary file or folder of ours whose writer, a process of this machine, is gone."""
+    match = _TEMPORARY.match(name)
+    if match is None or match["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):  # alive, another user's; or no such pid at all
+        return False
+    return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete what killed writers left in `folder` (see the module docstring); returns them."""
+    removed = []
+    try:
+        entries = [entry for entry in os.scandir(folder) if entry.name.startswith(".") and is_stale_temporary(entry.name)]
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def replace_dir(tmp: Path, path: Path) -> None:

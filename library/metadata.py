@@ -8,14 +8,12 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import io
 import json
 import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_to_bytes
 
 from library.errors import UserError, run_cli
 
@@ -47,26 +45,54 @@ def training_metadata(values: dict[str, object]) -> dict[str, str]:
     return out
 
 
-def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
-    """The hashes kohya precomputes so webui extensions need not reread the file.
+LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000  # the legacy hash reads 64 KiB at 1 MiB
 
-    Only the immutable `ss_*` training keys take part, so later edits of user metadata do not
-    change the hash. model hash: sha256 of the bytes after the header; legacy: sha256 of 64 KiB
-    at offset 1 MiB, first 8 hex digits.
+
+class SshsHashes:
+    """kohya's precomputed `sshs_model_hash` and `sshs_legacy_hash` (what webui extensions would
+    compute from the file), taken while a safetensors file's bytes stream past, so no copy of the
+    tensors is ever made to hash them.
+
+    kohya hashes the file as it would be with only the immutable `ss_*` keys in its metadata (so
+    later edits of user metadata keep the hash): `header` is that file's header, its 8-byte length
+    included. model hash: sha256 of the bytes after the header (the tensor data, the same in the
+    real file); legacy: sha256 of the 64 KiB at offset 1 MiB of that file, first 8 hex digits.
     """
-    training_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    data = io.BytesIO(save_to_bytes({k: v.contiguous() for k, v in tensors.items()}, training_only))
-    header_len = int.from_bytes(data.read(8), "little")
-    data.seek(8 + header_len)
-    model_hash = hashlib.sha256(data.read()).hexdigest()
-    data.seek(0x100000)
-    legacy_hash = hashlib.sha256(data.read(0x10000)).hexdigest()[:8]
-    return model_hash, legacy_hash
+
+    def __init__(self, header: bytes):
+        self._model = hashlib.sha256()
+        self._legacy = hashlib.sha256()
+        self._position = 0  # in the ss_*-only file
+        self._legacy_update(memoryview(header))
+
+    def _legacy_update(self, data: memoryview) -> None:
+        start, end = self._position, self._position + len(data)
+        low, high = max(start, LEGACY_OFFSET), min(end, LEGACY_OFFSET + LEGACY_LENGTH)
+        if low < high:
+            self._legacy.update(data[low - start : high - start])
+        self._position = end
+
+    def update(self, data: memoryview) -> None:
+        """The next tensor bytes (in file order)."""
+        self._model.update(data)
+        self._legacy_update(data)
+
+    def values(self) -> dict[str, str]:
+        return {"sshs_model_hash": self._model.hexdigest(), "sshs_legacy_hash": self._legacy.hexdigest()[:8]}
 
 
-def with_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
-    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
-    return {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
+def training_keys(metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata the sshs hashes cover: the `ss_*` training keys."""
+    return {k: v for k, v in metadata.items() if k.startswith("ss_")}
+
+
+def safetensors_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) of `tensors` saved with `metadata`, computed from the
+    tensors one at a time (library.tensor_files.write_safetensors stores them in its files)."""
+    from library.tensor_files import safetensors_hashes_of
+
+    hashes = safetensors_hashes_of(tensors, training_keys(metadata))
+    return hashes["sshs_model_hash"], hashes["sshs_legacy_hash"]
 
 
 def read_metadata(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:

@@ -43,6 +43,14 @@ def tiny_tagger(kit_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tagger_nchw(kit_dir) -> Path:
+    """Another tiny tagger: NCHW input, D=1024."""
+    from tools.make_tiny_tagger import build_tiny_tagger
+
+    return build_tiny_tagger(kit_dir / "tiny-tagger-nchw", seed=1, family="nchw-1024")
+
+
+@pytest.fixture(scope="session")
 def demo_dataset(kit_dir) -> Path:
     """Synthetic character images (some with .txt captions) in the demo layout."""
     from tools.make_demo_dataset import build_demo_dataset

@@ -24,11 +24,6 @@ from tools.make_tiny_tagger import build_tiny_tagger
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def tiny_tagger_nchw(kit_dir):
-    return build_tiny_tagger(kit_dir / "tiny-tagger-nchw", seed=1, family="nchw-1024")
-
-
 def _make_images(folder: Path, n: int = 4) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -384,7 +379,61 @@ def test_real_world_image_kinds_are_all_written(tiny_tagger, tmp_path, capsys):
 
     code, out = _run(capsys, "--train_data_dir", data, "--tagger_model", tiny_tagger)
     assert code == 0 and "8 written, 0 skipped (valid cache), 0 failed" in out, out
-    vec = {p.stem: read_feature(feature_cache_path(p)) for p in data.iterdir() if p.suffix != ".npz"}
+    vec = {p.stem: read_feature(feature_cache_path(p)) for p in data.iterdir() if p.suffix in (".png", ".jpg", ".webp", ".gif")}
     np.testing.assert_allclose(vec["anim_webp"], vec["first_frame"], atol=1e-6)  # lossless WebP: the same pixels
     np.testing.assert_allclose(vec["anim_gif"], vec["palette_first"], atol=1e-6)
     assert np.abs(vec["anim_webp"] - _direct_vectors(tiny_tagger, [data / "first_frame.png"])[0]).max() < 1e-5
+
+
+def test_progress_shows_the_rate_and_time_left_and_failures_keep_their_own_lines(tiny_tagger, tmp_path):
+    """The bar (stderr) shows images/s and the time left; a failure line (stdout) clears the bar
+    first, so on a terminal, where both meet, it starts a line of its own instead of trailing it."""
+    images = _make_images(tmp_path / "data", 4)
+    (tmp_path / "data" / "img1b_broken.jpg").write_text("not an image")  # sorted second: the bar is on screen
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, "prepare_features.py", "--train_data_dir", str(tmp_path / "data"), "--tagger_model",
+                             str(tiny_tagger), "--batch_size", "1", "--num_workers", "1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-2000:]
+    out = result.stdout
+    assert "encoding:" in out and " images/s" in out and " left]" in out and f"/{len(images) + 1} [" in out
+    at = out.index("failed: ")
+    assert out[at - 1] in "\r\n" and out[:at].rstrip(" \r").endswith(("]", "\n")) and "img1b_broken.jpg: not an image" in out
+    assert "4 written, 0 skipped (valid cache), 1 failed" in out
+
+
+def test_recursive_takes_the_images_of_subfolders(tiny_tagger, tmp_path, capsys):
+    """--recursive (kohya's tagger flag) with --train_data_dir: every folder below, each with its own
+    index, hidden folders left out; without it only the folder itself. Refused with a dataset TOML."""
+    top = _make_images(tmp_path / "data", 1)
+    nested = _make_images(tmp_path / "data" / "a", 2) + _make_images(tmp_path / "data" / "a" / "b", 1)
+    hidden = _make_images(tmp_path / "data" / ".thumbnails", 1)
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger)
+    assert code == 0 and "1 written" in out
+    code, out = _run(capsys, "--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger, "--recursive")
+    assert code == 0 and "3 written, 1 skipped (valid cache)" in out, out
+    assert all(feature_cache_path(p).is_file() for p in top + nested) and not feature_cache_path(hidden[0]).exists()
+    assert all((folder / ".pfg_index.bin").is_file() for folder in (tmp_path / "data", tmp_path / "data" / "a", tmp_path / "data" / "a" / "b"))
+    config = tmp_path / "d.toml"
+    config.write_text(f"[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{(tmp_path / 'data').as_posix()}'\n")
+    with pytest.raises(UserError, match="--recursive applies to --train_data_dir"):
+        prepare_features.main(["--dataset_config", str(config), "--tagger_model", str(tiny_tagger), "--recursive"])
+
+
+def test_a_rerun_over_a_finished_folder_opens_no_cache(tiny_tagger, tiny_sd1, tmp_path, capsys, monkeypatch):
+    """With the folder index written by the first run, the second one knows every feature and
+    latent cache valid from one directory scan and their stats: it opens none of them."""
+    import library.data.latents as latents
+    import library.prepare.run as run
+
+    _make_images(tmp_path / "data", 3)
+    args = ["--train_data_dir", tmp_path / "data", "--tagger_model", tiny_tagger, "--cache_latents",
+            "--pretrained_model_name_or_path", tiny_sd1, "--resolution", "64"]
+    assert _run(capsys, *args)[0] == 0
+    opened: list = []
+    for module, name in ((run, "read_cache"), (latents, "latent_cache_matches")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **k: opened.append(a) or real(*a, **k))
+    code, out = _run(capsys, *args)
+    assert code == 0 and "0 written, 3 skipped (valid cache)" in out and "latents: 3 images have valid caches" in out
+    assert opened == []

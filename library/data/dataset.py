@@ -15,19 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
 
 from library.data.augment import ColorShift, draw_color_shift, draw_random_crop, latent_mask, sample_pixels
 from library.data.buckets import BucketAssignment, BucketManager, make_bucket_batches
 from library.data.captions import process_caption, resolve_caption
 from library.data.dataset_config import DatasetConfig, SubsetConfig
+from library.data.features import FeatureTable, feature_cache_path, read_cache
 from library.data.fine_tuning import metadata_images
-from library.errors import UserError
-from library.data.features import feature_cache_path, read_cache
-from library.data.images import HEADER_ERRORS, ImageLoadError, list_images
+from library.data.images import ImageLoadError, list_images
+from library.data.index import DatasetIndex, ScannedImage
 from library.data.latents import LatentJob
+from library.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -53,23 +52,32 @@ class TrainItem:
                          self.subset.flip_aug if flip is None else flip, self.subset.resize_interpolation)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """Header-only read; EXIF rotation swaps the sides as load_image will."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except HEADER_ERRORS as e:
-        raise ImageLoadError(path, f"cannot read image header ({type(e).__name__}: {e})") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def subset_images(subset: SubsetConfig) -> tuple[list[tuple[Path, str | None]], list[ImageLoadError]]:
     """The subset's images, each with its caption when a metadata_file gives it (else None), and
     the metadata entries whose image is missing."""
     if subset.metadata_file is None:
         return [(path, None) for path in list_images(subset.image_dir)], []
     return metadata_images(subset.metadata_file, subset.image_dir, subset.caption_separator, subset.enable_wildcard)
+
+
+def indexed_images(subset: SubsetConfig, index: DatasetIndex) -> tuple[list[tuple[ScannedImage, str | None]], list[ImageLoadError]]:
+    """subset_images as the folder indexes know them (size, or why the image cannot be used):
+    a folder subset's own index; a metadata_file's entries from the index of the folder each
+    image is in (every image is in its own folder's scan)."""
+    if subset.metadata_file is None:
+        return [(image, None) for image in index.folder(subset.image_dir, subset.cache_dir).images()], []
+    listed, missing = subset_images(subset)
+    scans: dict[Path, dict[str, ScannedImage]] = {}
+    found = []
+    for path, caption in listed:
+        if path.parent not in scans:
+            scans[path.parent] = {image.path.name: image for image in index.folder(path.parent, subset.cache_dir).images()}
+        image = scans[path.parent].get(path.name)
+        if image is None:
+            missing.append(ImageLoadError(path, "not an image file this loader reads"))
+            continue
+        found.append((image, caption))
+    return found, missing
 
 
 def base_caption(subset: SubsetConfig, path: Path, listed: str | None, pfg_prompt: str) -> str:
@@ -80,27 +88,34 @@ def base_caption(subset: SubsetConfig, path: Path, listed: str | None, pfg_promp
     return resolve_caption(path, subset.caption_extension, subset.class_tokens, pfg_prompt, subset.enable_wildcard)
 
 
-def collect_items(config: DatasetConfig, pfg_prompt: str) -> tuple[list[TrainItem], list[ImageLoadError]]:
-    """Every image of every subset with its bucket and base caption; unreadable files reported."""
+def collect_items(config: DatasetConfig, pfg_prompt: str, index: DatasetIndex | None = None) -> tuple[list[TrainItem], list[ImageLoadError]]:
+    """Every image of every subset with its bucket and base caption; unreadable files reported.
+    Image sizes come from each folder's index (library.data.index), which one scandir pass checks:
+    only new and changed images have their headers read. Pass the run's DatasetIndex to share that
+    pass with load_feature_table and the latent caches."""
+    index = index if index is not None else DatasetIndex()
     items: list[TrainItem] = []
     failures: list[ImageLoadError] = []
     for dataset_index, dataset in enumerate(config.datasets):
         buckets = BucketManager.for_dataset(dataset)
+        assigned: dict[tuple[int, int], BucketAssignment] = {}  # one assignment per image size, shared
         for subset in dataset.subsets:
-            images, missing = subset_images(subset)
+            images, missing = indexed_images(subset, index)
             failures += missing
-            for path, listed_caption in images:
-                try:
-                    size = _image_size(path)
-                    assignment = buckets.assign(size)
-                except ImageLoadError as e:
-                    failures.append(e)
+            for image, listed_caption in images:
+                if image.failure is not None:
+                    failures.append(image.failure)
                     continue
-                except UserError as e:
-                    failures.append(ImageLoadError(path, str(e)))
-                    continue
-                caption = base_caption(subset, path, listed_caption, pfg_prompt)
-                items.append(TrainItem(path, size, caption, subset, dataset_index, assignment))
+                assignment = assigned.get(image.size)
+                if assignment is None:
+                    try:
+                        assignment = assigned[image.size] = buckets.assign(image.size)
+                    except UserError as e:
+                        failures.append(ImageLoadError(image.path, str(e)))
+                        continue
+                caption = base_caption(subset, image.path, listed_caption, pfg_prompt)
+                items.append(TrainItem(image.path, image.size, caption, subset, dataset_index, assignment))
+    index.save()
     return items, failures
 
 
@@ -128,31 +143,50 @@ def _listed(paths: list[str]) -> str:
     return "\n  ".join(paths[:5]) + (f"\n  ... and {len(paths) - 5} more" if len(paths) > 5 else "")
 
 
-def load_features(items: list[TrainItem]) -> tuple[torch.Tensor, str]:
-    """All PFG vectors (num_items, D) and the id of the encoder that made them. Missing caches,
-    caches of images edited since, caches from another encoder than the subset pins or from
-    different encoders, and non-finite vectors are each one clear error: never silently used."""
-    missing = [str(item.feature_path) for item in items if not item.feature_path.is_file()]
+def load_feature_table(items: list[TrainItem], index: DatasetIndex | None = None) -> tuple[FeatureTable, str]:
+    """All PFG vectors (a FeatureTable, row i for item i, memory-mapped from the folder indexes)
+    and the id of the encoder that made them. Missing caches, caches of images edited since, caches
+    from another encoder than the subset pins or from different encoders, and non-finite vectors
+    are each one clear error: never silently used. A cache is read only when its stat differs from
+    its folder index's record (new, rewritten, or its image changed)."""
+    index = index if index is not None else DatasetIndex()
+    folders = [index.folder(item.image_path.parent, item.subset.cache_dir) for item in items]  # as indexed_images
+    records, missing = [], []
+    for item, folder in zip(items, folders):
+        record = folder.feature(item.image_path, item.feature_path, read_cache)
+        if record is None:
+            missing.append(str(item.feature_path))
+        records.append(record)
     if missing:
         raise UserError(f"{len(missing)} feature caches are missing; run prepare_features.py (or pass --tagger_model):\n  {_listed(missing)}")
-    caches = [read_cache(item.feature_path, item.image_path) for item in items]  # one read per file
-    stale = [f"{item.feature_path} (image {item.image_path})" for item, (_, _, current) in zip(items, caches) if not current]
+    stale = [f"{item.feature_path} (image {item.image_path})" for item, record in zip(items, records) if not record.current]
     if stale:
         raise UserError(f"{len(stale)} feature caches were made from another version of their image (edited, replaced, "
                         f"or an old cache layout); rerun prepare_features.py (or pass --tagger_model):\n  {_listed(stale)}")
-    vectors = [vector for vector, _, _ in caches]
-    encoder_ids = [encoder_id for _, encoder_id, _ in caches]
-    for item, encoder_id in zip(items, encoder_ids):
-        if item.subset.encoder and encoder_id != item.subset.encoder:
-            raise UserError(f"feature cache {item.feature_path} comes from encoder {encoder_id!r}, but its subset pins "
+    for item, record in zip(items, records):
+        if item.subset.encoder and record.encoder_id != item.subset.encoder:
+            raise UserError(f"feature cache {item.feature_path} comes from encoder {record.encoder_id!r}, but its subset pins "
                             f"encoder = {item.subset.encoder!r}; rerun prepare_features.py with that tagger")
-    encoders = Counter(encoder_ids)
+    encoders = Counter(record.encoder_id for record in records)
     if len(encoders) > 1:
         raise UserError(f"feature caches come from different encoders {dict(encoders)}; rerun prepare_features.py with one --tagger_model")
-    for item, vector in zip(items, vectors):
-        if not np.isfinite(vector).all():
+    for item, record in zip(items, records):
+        if not record.finite:
             raise UserError(f"feature cache {item.feature_path} holds NaN/inf values; delete it and rerun prepare_features.py")
-    return torch.from_numpy(np.stack(vectors)), next(iter(encoders))
+    index.save()  # the vectors read now join the index files, and are served from them
+    sources = []
+    for item, folder in zip(items, folders):
+        source = folder.vector_source(item.image_path)
+        if source is None:  # valid, but the folder's index keeps another encoder's vectors
+            source = (read_cache(item.feature_path)[0][None], 0)
+        sources.append(source)
+    return FeatureTable.from_sources(sources), next(iter(encoders), "")
+
+
+def load_features(items: list[TrainItem], index: DatasetIndex | None = None) -> tuple[torch.Tensor, str]:
+    """load_feature_table's vectors as one (num_items, D) tensor, for small sets (evaluation)."""
+    table, encoder_id = load_feature_table(items, index)
+    return table.tensor(), encoder_id
 
 
 class SampleKey(NamedTuple):
@@ -165,9 +199,29 @@ class SampleKey(NamedTuple):
     step: int = 0
 
 
+def bucket_counts(items: list[TrainItem]) -> Counter:
+    return Counter(item.assignment.bucket for item in items)
+
+
+_last_epoch: list = []  # [(items, len(items), batch sizes, seed, epoch), batches] of the latest call
+
+
 def epoch_batches(items: list[TrainItem], batch_sizes: list[int], seed: int, epoch: int) -> list[list[SampleKey]]:
     """The batches of one epoch: each image `num_repeats` times, batches from one bucket of one
-    dataset, shuffled with a seed of (seed, epoch). Elements are SampleKeys (step 0: see at_steps)."""
+    dataset, shuffled with a seed of (seed, epoch). Elements are SampleKeys (step 0: see at_steps).
+
+    The latest result is kept and handed out again for the same arguments (the same `items` list
+    object): the plan, the summary and the loop all ask for epoch 0 at the start, and each call
+    costs about 5 us per image (half a second at 100k). Callers must not change it."""
+    key = (items, len(items), tuple(batch_sizes), seed, epoch)
+    if _last_epoch and _last_epoch[0][0] is items and _last_epoch[0][1:] == key[1:]:
+        return _last_epoch[1]
+    batches = _epoch_batches(items, batch_sizes, seed, epoch)
+    _last_epoch[:] = [key, batches]
+    return batches
+
+
+def _epoch_batches(items: list[TrainItem], batch_sizes: list[int], seed: int, epoch: int) -> list[list[SampleKey]]:
     rng = random.Random(f"{seed}-{epoch}")
     batches: list[list[int]] = []
     for dataset_index, batch_size in enumerate(batch_sizes):
@@ -220,10 +274,6 @@ def sdxl_time_ids(item: TrainItem, flip: bool = False, assignment: BucketAssignm
         left, right = width - right, width - left
     (original_w, original_h), (target_w, target_h) = item.original_size, assignment.bucket
     return torch.tensor([original_h, original_w, top, left, target_h, target_w])
-
-
-def bucket_counts(items: list[TrainItem]) -> Counter:
-    return Counter(item.assignment.bucket for item in items)
 
 
 class PFGDataset(torch.utils.data.Dataset):

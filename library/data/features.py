@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from library.errors import UserError
 from library.fileio import atomic_path
@@ -20,8 +21,8 @@ SUFFIX = "_pfg.npz"
 
 def feature_cache_path(image_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """`<stem>_pfg.npz` beside the image, or inside cache_dir when one is given."""
-    image_path = Path(image_path)
-    folder = Path(cache_dir) if cache_dir is not None else image_path.parent
+    image_path = image_path if isinstance(image_path, Path) else Path(image_path)  # once per image per start
+    folder = image_path.parent if cache_dir is None else cache_dir if isinstance(cache_dir, Path) else Path(cache_dir)
     return folder / f"{image_path.stem}{SUFFIX}"
 
 
@@ -100,3 +101,47 @@ def read_encoder_id(path: str | os.PathLike) -> str:
     if not encoder_id:
         raise UserError(f"feature cache {path} has no encoder id; rerun prepare_features.py")
     return encoder_id
+
+
+class FeatureTable:
+    """The PFG vectors of a list of items, row i for item i, without a private copy of them: each
+    row lives in a block (a folder index's memory-mapped vectors, shared by the processes of a
+    node, or vectors read since). Indexing with an int gives that vector as a tensor; with a list
+    of positions, the table of those items."""
+
+    def __init__(self, blocks: list[np.ndarray], block_of: np.ndarray, row_of: np.ndarray):
+        self.blocks = blocks
+        self.block_of = np.asarray(block_of, np.int32)
+        self.row_of = np.asarray(row_of, np.int64)
+        self.dim = int(blocks[0].shape[1]) if blocks else 0
+
+    @classmethod
+    def from_sources(cls, sources: list[tuple[np.ndarray, int]]) -> "FeatureTable":
+        """One (block, row) per item."""
+        blocks: list[np.ndarray] = []
+        number: dict[int, int] = {}
+        block_of, row_of = np.empty(len(sources), np.int32), np.empty(len(sources), np.int64)
+        for i, (block, row) in enumerate(sources):
+            if id(block) not in number:
+                number[id(block)] = len(blocks)
+                blocks.append(block)
+            block_of[i], row_of[i] = number[id(block)], row
+        return cls(blocks, block_of, row_of)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.row_of), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return torch.from_numpy(np.array(self.blocks[self.block_of[key]][self.row_of[key]], dtype=np.float32))
+        return FeatureTable(self.blocks, self.block_of[key], self.row_of[key])
+
+    def tensor(self) -> torch.Tensor:
+        """Every row in one (n, D) tensor (a copy: for small sets such as the held-out images)."""
+        if not len(self):
+            return torch.zeros((0, self.dim))
+        return torch.from_numpy(np.stack([np.asarray(self.blocks[b][r], np.float32) for b, r in zip(self.block_of, self.row_of)]))

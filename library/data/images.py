@@ -47,6 +47,17 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     return sorted(p for p in candidates if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the header alone; EXIF rotation swaps the sides as load_image will."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except HEADER_ERRORS as e:
+        raise ImageLoadError(path, f"cannot read image header ({type(e).__name__}: {e})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image as RGB: EXIF rotation applied, first frame of animations, alpha on white."""
     return to_rgb(_open(Path(path), max_pixels))

@@ -429,13 +429,13 @@ def _plain_config(config: Any) -> dict[str, Any]:
 
 
 def checkpoint_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
-                          variant: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file checkpoint, named as A1111/ComfyUI/diffusers read them."""
+                          variant: str) -> dict[str, torch.Tensor]:
+    """All tensors of a single-file checkpoint, named as A1111/ComfyUI/diffusers read them: the
+    models' own tensors (no copies), cast and moved only as they are written."""
     if variant not in PAD_TOKENS:
         raise ValueError(f"unknown variant {variant!r}")
-    sd = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
-          **text_encoder_to_ldm(text_encoder.state_dict(), variant)}
-    return saveable(sd, dtype)
+    return {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
+            **text_encoder_to_ldm(text_encoder.state_dict(), variant)}
 
 
 def saveable(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -457,31 +457,41 @@ def save_single_file(path: str | Path, unet: torch.nn.Module, vae: torch.nn.Modu
     The diffusers configs go into the metadata too, so our loader rebuilds exactly these models
     even where the shapes cannot tell (head counts, norm groups, prediction type when `scheduler` is given).
     """
-    tensors = checkpoint_state_dict(unet, vae, text_encoder, variant, dtype)
+    tensors = checkpoint_state_dict(unet, vae, text_encoder, variant)
     models = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
-    return write_checkpoint_file(path, tensors, models, metadata)
+    return write_checkpoint_file(path, tensors, models, metadata, dtype)
 
 
 def write_checkpoint_file(path: str | Path, tensors: dict[str, torch.Tensor], models: dict[str, Any],
-                          metadata: dict[str, str] | None) -> Path:
-    """Write original-layout tensors as `.safetensors` (or `.ckpt`) atomically, with the diffusers
-    configs of `models` (name -> model or scheduler, None skipped) in the metadata."""
+                          metadata: dict[str, str] | None, dtype: torch.dtype | None = None) -> Path:
+    """Write original-layout tensors (floating ones cast to `dtype`) as `.safetensors` (or `.ckpt`)
+    atomically, with the diffusers configs of `models` (name -> model or scheduler, None skipped)
+    in the metadata. The safetensors file is streamed one tensor at a time, with the sshs_* hashes
+    kohya precomputes (webui extensions need not reread the file); a .ckpt holds a cast copy of
+    every tensor while torch.save writes it."""
     path = Path(path)
     configs = {name: _plain_config(m.config) for name, m in models.items() if m is not None}
     meta = {CONFIG_METADATA_KEY: json.dumps(configs), **(metadata or {})}
+    if path.suffix.lower() == ".safetensors":
+        from library.tensor_files import write_safetensors
+
+        return write_safetensors(path, tensors, meta, dtype=dtype, hashes=True)
+    if path.suffix.lower() not in (".ckpt", ".pt"):
+        raise UserError(f"{path}: choose a .safetensors or .ckpt file name for the checkpoint")
     with atomic_path(path) as tmp:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
-
-            from library.metadata import with_hashes
-
-            # sshs_* hashes, as kohya precomputes them: webui extensions need not reread the file
-            save_file(tensors, str(tmp), metadata=with_hashes(tensors, meta))
-        elif path.suffix.lower() in (".ckpt", ".pt"):
-            torch.save({"state_dict": tensors, "metadata": meta}, tmp)
-        else:
-            raise UserError(f"{path}: choose a .safetensors or .ckpt file name for the checkpoint")
+        torch.save({"state_dict": saveable(tensors, dtype), "metadata": meta}, tmp)
     return path
+
+
+def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` in `dtype` beside the original, holding nothing but the cast tensors (tensors that
+    are already in `dtype` are shared): copy.deepcopy(model).to(dtype) would first copy every
+    weight in its training dtype, twice the size of an fp16 save."""
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        cast = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor.detach()
+        memo[id(tensor)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else cast
+    return copy.deepcopy(model, memo)
 
 
 def save_diffusers(folder: str | Path, unet, vae, text_encoder, tokenizer, scheduler,
@@ -490,7 +500,7 @@ def save_diffusers(folder: str | Path, unet, vae, text_encoder, tokenizer, sched
     from diffusers import StableDiffusionPipeline
 
     if dtype is not None:  # cast copies: the caller's models keep their training dtype
-        unet, vae, text_encoder = (copy.deepcopy(m).to(dtype) for m in (unet, vae, text_encoder))
+        unet, vae, text_encoder = (cast_copy(m, dtype) for m in (unet, vae, text_encoder))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

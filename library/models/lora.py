@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from library.errors import UserError
-from library.fileio import atomic_path
-from library.tensor_files import read_safetensors, safetensors_errors, safetensors_keys
+from library.tensor_files import read_safetensors, safetensors_errors, safetensors_keys, write_safetensors
 
 PREFIX_UNET = "lora_unet"
 PREFIX_TEXT_ENCODER = "lora_te"
@@ -204,13 +202,7 @@ def lora_metadata(unet: torch.nn.Module) -> dict[str, str]:
 
 def save_lora(path: Path, unet: torch.nn.Module, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
     """Write NAME-lora.safetensors (kohya layout, ss_* metadata and sshs hashes), atomically."""
-    from library.metadata import with_hashes
-
-    tensors = lora_state_dict(unet, dtype)
-    meta = with_hashes(tensors, {**metadata, **lora_metadata(unet)})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+    return write_safetensors(path, lora_state_dict(unet, dtype), {**metadata, **lora_metadata(unet)}, hashes=True)
 
 
 # -- reading kohya files ---------------------------------------------------------------------

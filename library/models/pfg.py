@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from library.errors import UserError
 from library.fileio import atomic_path
-from library.tensor_files import TORCH_LOAD_ERRORS, read_safetensors, safetensors_errors
+from library.tensor_files import TORCH_LOAD_ERRORS, read_safetensors, safetensors_errors, write_safetensors
 
 
 @dataclass(frozen=True)
@@ -217,15 +216,15 @@ def save_pfg(
     metadata: dict[str, str],
     dtype: torch.dtype | None = None,
     save_pt: bool = False,
+    hashes: bool = False,
 ) -> list[Path]:
-    """Write `NAME-pfg.safetensors` in `dtype` (and `NAME-pfg.pt` when asked), atomically.
+    """Write `NAME-pfg.safetensors` in `dtype` (and `NAME-pfg.pt` when asked), atomically; `hashes`
+    adds kohya's sshs_* keys.
 
     The `.pt` is always fp32 (it is small): the original pfg-webui and pfg-ComfyUI loaders feed it
     fp32 vectors and crash on half-precision weights (`addmv input tensors must have the same dtype`)."""
     path = Path(path)
-    state = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    write_safetensors(path, adapter.state_dict(), metadata, dtype=dtype, hashes=hashes)
     written = [path]
     if save_pt:
         pt_path = path.with_suffix(".pt")

@@ -10,7 +10,6 @@ files we write, then SDXL base's values.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -31,7 +30,7 @@ from library.models.checkpoints import (
     _resolve,
     _tokenizer,
     _vae_config,
-    saveable,
+    cast_copy,
     write_checkpoint_file,
 )
 from library.errors import UserError
@@ -113,11 +112,11 @@ def _clip_l_to_ldm(state_dict: StateDict) -> dict[str, torch.Tensor]:
     return out
 
 
-def sdxl_checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of an SDXL single file, named as A1111/ComfyUI/diffusers read them."""
-    sd = {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
-          **_clip_l_to_ldm(text_encoder.state_dict()), **_bigg_to_ldm(text_encoder_2.state_dict())}
-    return saveable(sd, dtype)
+def sdxl_checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """All tensors of an SDXL single file, named as A1111/ComfyUI/diffusers read them (the models'
+    own tensors where the layouts agree; the bigG's fused q/k/v are new)."""
+    return {**unet_to_ldm(unet.state_dict()), **vae_to_ldm(vae.state_dict()),
+            **_clip_l_to_ldm(text_encoder.state_dict()), **_bigg_to_ldm(text_encoder_2.state_dict())}
 
 
 def _as_sd_text_keys(sd: StateDict, prefix: str, target: str) -> dict[str, torch.Tensor]:
@@ -233,9 +232,9 @@ def save_sdxl_single_file(path: str | Path, unet, vae, text_encoder, text_encode
                           metadata: dict[str, str] | None = None, scheduler: Any | None = None) -> Path:
     """Write an SDXL `.safetensors` (or `.ckpt`) in the original layout, atomically, with our
     diffusers configs in the metadata so our loader rebuilds exactly these models."""
-    tensors = sdxl_checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2, dtype)
+    tensors = sdxl_checkpoint_state_dict(unet, vae, text_encoder, text_encoder_2)
     models = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "scheduler": scheduler}
-    return write_checkpoint_file(path, tensors, models, metadata)
+    return write_checkpoint_file(path, tensors, models, metadata, dtype)
 
 
 def save_sdxl_diffusers(folder: str | Path, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
@@ -244,7 +243,7 @@ def save_sdxl_diffusers(folder: str | Path, unet, vae, text_encoder, text_encode
     from diffusers import StableDiffusionXLPipeline
 
     if dtype is not None:  # cast copies: the caller's models keep their training dtype
-        unet, vae, text_encoder, text_encoder_2 = (copy.deepcopy(m).to(dtype) for m in (unet, vae, text_encoder, text_encoder_2))
+        unet, vae, text_encoder, text_encoder_2 = (cast_copy(m, dtype) for m in (unet, vae, text_encoder, text_encoder_2))
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
     with atomic_dir(folder) as tmp:

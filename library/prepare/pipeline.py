@@ -54,8 +54,10 @@ def extract_features(
     num_workers: int = 4,
     captions: CaptionWriter | None = None,
     progress: bool = True,
+    on_written=None,
 ) -> Summary:
-    """Encode (image, cache path) jobs in batches and write each cache (and caption) atomically.
+    """Encode (image, cache path) jobs in batches and write each cache (and caption) atomically;
+    `on_written(job, vector)` hears of each cache written (the folder index records it).
 
     Three stages overlap: `num_workers` threads decode and preprocess up to two batches ahead, the
     calling thread runs the model, and one writer thread saves the previous batch's files (a
@@ -85,22 +87,24 @@ def extract_features(
         summary.failed_images.add(image)
         tqdm.write(f"failed: {image}: {reason}")
 
-    def save(batch_jobs: list[Job], vectors: np.ndarray, probs: np.ndarray | None) -> list[tuple[Job, str | None, bool]]:
-        """Runs in the writer thread; returns (job, error, caption written) for the main thread to count."""
+    def save(batch_jobs: list[Job], vectors: np.ndarray, probs: np.ndarray | None) -> list[tuple[Job, str | None, bool, np.ndarray]]:
+        """Runs in the writer thread; returns (job, error, caption written, vector) for the main thread."""
         results = []
         for k, job in enumerate(batch_jobs):
             try:
                 save_feature(job.cache, vectors[k], encoder.encoder_id, job.image)
-                results.append((job, None, captions is not None and captions.write(job.image, probs[k])))
+                results.append((job, None, captions is not None and captions.write(job.image, probs[k]), vectors[k]))
             except OSError as e:
-                results.append((job, f"cannot write its cache or caption ({e})", False))
+                results.append((job, f"cannot write its cache or caption ({e})", False, vectors[k]))
         return results
 
-    def collect(results: list[tuple[Job, str | None, bool]]) -> None:
-        for job, error, caption_written in results:
+    def collect(results: list[tuple[Job, str | None, bool, np.ndarray]]) -> None:
+        for job, error, caption_written, vector in results:
             if error is not None:
                 fail(job.image, error)
                 continue
+            if on_written is not None:
+                on_written(job, vector)
             summary.done += 1
             if captions is not None:
                 summary.captions_written += caption_written
@@ -120,7 +124,8 @@ def extract_features(
 
         batch_jobs: list[Job] = []
         rows: list[int] = []
-        with tqdm(total=len(jobs), unit="img", smoothing=0.05, disable=not progress or not jobs) as bar:
+        with tqdm(total=len(jobs), desc="encoding", unit=" images", smoothing=0.05, disable=not progress or not jobs,
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}, {remaining} left]") as bar:
             for (position, job), _, error in prefetch(enumerate(jobs), prepare, num_workers, ahead):
                 if error is not None:
                     fail(error.path, error.reason)

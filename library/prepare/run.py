@@ -1,12 +1,15 @@
 """One prepare job, as prepare_features.py runs it and as train_pfg.py --tagger_model runs it
 before training: the dataset's images -> valid feature caches (and tag captions, latent caches).
 
-Resumable: images whose caches are still valid are skipped. Broken images are reported one
-line each and skipped; the result is 1 when any failed. Under `accelerate launch` (or torchrun)
-each process takes its own share of the images (RANK / WORLD_SIZE).
+Resumable: images whose caches are still valid are skipped, known from each folder's index
+(library.data.index) without opening the caches, so a rerun over a finished folder takes seconds.
+Broken images are reported one line each and skipped; the result is 1 when any failed. Under
+`accelerate launch` (or torchrun) each process takes its own share of the images (RANK /
+WORLD_SIZE); the first process of each node writes the indexes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TypeVar
@@ -15,8 +18,9 @@ import numpy as np
 
 from library.data.dataset_config import DatasetConfig, DatasetDefaults, SubsetConfig, config_from_train_data_dir, load_dataset_config
 from library.data.dataset import subset_images
-from library.data.features import feature_cache_path, load_valid_feature
+from library.data.features import feature_cache_path, load_valid_feature, read_cache
 from library.data.images import IMAGE_EXTENSIONS
+from library.data.index import DatasetIndex, FolderIndex
 from library.data.tags import CaptionWriter, load_tag_list
 from library.errors import UserError
 from library.models.image_encoders import ImageEncoder, detect_encoder_kind, load_encoder
@@ -31,8 +35,9 @@ def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = N
     is the dataset as train_pfg.py resolved it (its command-line fallbacks), else it is loaded here."""
     config = config or load_config(settings)
     subsets = [subset for _, subset in config.iter_subsets()]
-    cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    jobs, clashes = split_duplicates(collect_jobs(subsets, cache_dir))  # before sharing: clashes span processes
+    index = DatasetIndex(main=os.environ.get("LOCAL_RANK", "0") == "0")
+    folders: dict[Path, FolderIndex] = {}  # image -> its folder's index
+    jobs, clashes = split_duplicates(collect_jobs(subsets, index, folders))  # before sharing: clashes span processes
     jobs, clashes = process_share(jobs), process_share(clashes)
     kind = detect_encoder_kind(settings.tagger_model) if settings.encoder == "auto" else settings.encoder
     if settings.write_tags and kind == "clip":
@@ -45,7 +50,17 @@ def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = N
     def needs_run(job: Job) -> bool:
         if captions is not None and captions.wanted(job.image):
             return True  # the tags come from the forward pass, so a missing caption means running it
-        return load_valid_feature(job.cache, encoder.encoder_id, job.image) is None
+        if job.image not in folders:  # a metadata_file's entry: checked from its cache file
+            return load_valid_feature(job.cache, encoder.encoder_id, job.image) is None
+        try:
+            record = folders[job.image].feature(job.image, job.cache, read_cache)
+        except UserError:  # unreadable: recompute it
+            return True
+        return record is None or not (record.encoder_id == encoder.encoder_id and record.current and record.finite)
+
+    def written(job: Job, vector: np.ndarray) -> None:
+        if job.image in folders:
+            folders[job.image].record_feature(job.image, job.cache, encoder.encoder_id, vector)
 
     todo = [j for j in jobs if needs_run(j)]
     skipped = len(jobs) - len(todo)
@@ -54,7 +69,8 @@ def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = N
     print(f"{len(jobs) + len(clashes)} images{share}, {skipped} with a valid cache, {len(todo)} to encode with {encoder.encoder_id} (D={encoder.dim})")
     for job, reason in clashes:
         print(f"failed: {job.image}: {reason}")
-    summary = extract_features(encoder, todo, settings.batch_size, settings.num_workers, captions)
+    summary = extract_features(encoder, todo, settings.batch_size, settings.num_workers, captions, on_written=written)
+    index.save()
     failed = summary.failed + len(clashes)
     print(f"done: {summary.done} written, {skipped} skipped (valid cache), {failed} failed")
     if captions is not None:
@@ -64,31 +80,61 @@ def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = N
 
         skip = summary.failed_images | {job.image for job, _ in clashes}
         cached, latent_failed = cache_latent_files(config, settings.pretrained_model_name_or_path, latent_device(settings),
-                                                   cache_dir, settings.vae_batch_size, skip, process_share)
+                                                   settings.vae_batch_size, skip, process_share, index)
         failed += latent_failed
         print(f"latents: {cached} images have valid caches, {latent_failed} failed")
     return 1 if failed else 0
 
 
 def load_config(settings: PrepareSettings) -> DatasetConfig:
-    """The dataset the trainer will read, from the same loader, so every image it uses gets a cache."""
+    """The dataset the trainer will read, from the same loader, so every image it uses gets a cache.
+    `--cache_dir` and `--recursive` (with --train_data_dir) become the subsets' own settings."""
     defaults = DatasetDefaults(resolution=settings.resolution_wh)
     if settings.dataset_config:
         return load_dataset_config(settings.dataset_config, defaults)
-    return config_from_train_data_dir(settings.train_data_dir, defaults, settings.reg_data_dir, settings.in_json)
+    config = config_from_train_data_dir(settings.train_data_dir, defaults, settings.reg_data_dir, settings.in_json)
+    cache_dir = Path(os.path.abspath(settings.cache_dir)) if settings.cache_dir else None
+    datasets = []
+    for dataset in config.datasets:
+        subsets = [dataclasses.replace(subset, cache_dir=cache_dir or subset.cache_dir) for subset in dataset.subsets]
+        if settings.recursive:
+            subsets = [folder for subset in subsets for folder in subfolder_subsets(subset)]
+        datasets.append(dataclasses.replace(dataset, subsets=tuple(subsets)))
+    return dataclasses.replace(config, datasets=tuple(datasets))
 
 
-def collect_jobs(subsets: list[SubsetConfig], cache_dir: Path | None) -> list[Job]:
+def subfolder_subsets(subset: SubsetConfig) -> list[SubsetConfig]:
+    """`--recursive` (kohya's tagger flag): the subset's folder and every folder below it that holds
+    images, each a subset of its own with the same settings (hidden folders left out)."""
+    found = []
+    for folder, children, files in os.walk(subset.image_dir):
+        children[:] = sorted(c for c in children if not c.startswith("."))
+        if not any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files):
+            continue
+        relative = Path(folder).relative_to(subset.image_dir)
+        name = subset.name if relative == Path(".") else f"{subset.name} > {relative.as_posix()}"
+        found.append(dataclasses.replace(subset, image_dir=Path(folder), name=name))
+    return found
+
+
+def collect_jobs(subsets: list[SubsetConfig], index: DatasetIndex, folders: dict[Path, FolderIndex]) -> list[Job]:
+    """Every image of the subsets with its cache path, listed through the folder indexes."""
     jobs: list[Job] = []
     for subset in subsets:
-        folder = cache_dir or subset.cache_dir
-        listed, missing = subset_images(subset)  # a folder, or a metadata_file's entries
-        for error in missing:
-            print(f"skipped {error.path}: {error.reason}")
-        images = [path for path, _ in listed]
+        if subset.metadata_file is not None:  # the file's entries, not the folder: no folder index
+            listed, missing = subset_images(subset)
+            for error in missing:
+                print(f"skipped {error.path}: {error.reason}")
+            images, folder = [path for path, _ in listed], None
+        else:
+            folder = index.folder(subset.image_dir, subset.cache_dir)
+            images = [image.path for image in folder.images()]
         if not images:
             print(f"warning: no images in {subset.metadata_file or subset.image_dir} ({subset.name})")
-        jobs += [Job(p, feature_cache_path(p, folder)) for p in images]
+        for path in images:
+            if folder is not None:
+                folders[path] = folder
+            jobs.append(Job(path, feature_cache_path(path, subset.cache_dir)))
     if not jobs:
         raise UserError("no images found (extensions: " + " ".join(IMAGE_EXTENSIONS) + ")")
     return jobs

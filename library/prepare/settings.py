@@ -31,6 +31,8 @@ class PrepareSettings:
     num_workers: int = setting(DEFAULT_WORKERS, "image decoding threads")
     cache_dir: str = setting("", "write caches here instead of beside the images (--train_data_dir only; train with a dataset "
                                  "TOML whose subsets set the same cache_dir)")
+    recursive: bool = setting(False, "with --train_data_dir: also the images in its subfolders, each folder as a subset of its own "
+                                     "(kohya's tagger flag; hidden folders are left out). Train on them with a dataset TOML listing the folders")
     # tag captions (WD taggers)
     write_tags: bool = setting(False, "write kohya-style tag captions from the same forward pass")
     tag_threshold: float = setting(0.35, "probability threshold of general tags")
@@ -62,6 +64,8 @@ class PrepareSettings:
                 raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.cache_dir and self.dataset_config:
             raise UserError("--cache_dir applies to --train_data_dir; with --dataset_config set cache_dir in the subsets")
+        if self.recursive and self.dataset_config:
+            raise UserError("--recursive applies to --train_data_dir; with --dataset_config list each folder as a subset")
         if self.cache_latents and not self.pretrained_model_name_or_path:
             raise UserError("--cache_latents needs --pretrained_model_name_or_path (the SD model whose VAE the trainer uses)")
         for name in ("tag_threshold", "character_threshold"):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from library.metadata import modelspec, with_hashes
+from library.fileio import remove_stale_temporaries
+from library.metadata import modelspec
 from library.models.loading import SDModel
 from library.models.pfg import PFGAdapter, pfg_metadata, save_pfg
 
@@ -54,6 +55,7 @@ class OutputWriter:
         self.encoder_id = encoder_id
         self.resolution = resolution
         self._history: list[list[Path]] = []  # intermediate save points, oldest first
+        remove_stale_temporaries(outputs.output_dir)  # what a save killed mid-write left
 
     @property
     def output_dir(self) -> Path:
@@ -75,9 +77,8 @@ class OutputWriter:
         name = self._name(tag)
         extra = {f"ss_{k}": str(v) for k, v in progress.items()}
         pfg_path = self.output_dir / f"{name}-pfg.safetensors"
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in adapter.state_dict().items()}
-        meta = with_hashes(tensors, self._metadata("pfg", adapter, extra))
-        written = save_pfg(adapter, pfg_path, meta, dtype=dtype, save_pt=self.outputs.save_pfg_pt)
+        written = save_pfg(adapter, pfg_path, self._metadata("pfg", adapter, extra), dtype=dtype, save_pt=self.outputs.save_pfg_pt,
+                           hashes=True)
         if self.outputs.train_unet == "full":
             written.append(self._save_unet(unet, name, dtype, self._metadata("", adapter, extra)))
         elif self.outputs.train_unet == "lora":
