@@ -73,3 +73,11 @@ def tiny_sdxl(kit_dir) -> Path:
     from tools.make_tiny_sd import build_tiny_sd
 
     return build_tiny_sd(kit_dir / "tiny-sdxl", variant="sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(kit_dir) -> Path:
+    """Tiny CLIP vision folder (transformers' CLIPVisionModelWithProjection, random weights)."""
+    from tools.make_tiny_clip_vision import build_tiny_clip_vision
+
+    return build_tiny_clip_vision(kit_dir / "tiny-clip-vision", seed=0)
