@@ -134,3 +134,19 @@ def test_a_process_that_imports_diffusers_and_exports_onnx_prints_none_of_them(t
     for harmless, _ in KNOWN.values():
         assert harmless.split(":")[0].split(".")[0] not in output
     assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
+
+
+def test_a_mistake_under_accelerate_launch_shows_as_the_error_line(tmp_path):
+    """README: our one `error:` line comes first, then accelerate's CalledProcessError traceback (its
+    report of exit status 2), which cannot be avoided from inside the script; `accelerate launch
+    --quiet` (what demo.sh runs) leaves only the error line."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    options = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    script = ["train_pfg.py", "--pretrained_model_name_or_path", "x", "--train_data_dir", str(tmp_path / "none")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    loud, silenced = (subprocess.run([*launch, *flags, *options, *script], cwd=REPO, env=env, capture_output=True, text=True,
+                                     timeout=300) for flags in ([], ["--quiet"]))
+    message = f"error: --train_data_dir {tmp_path / 'none'} is not a folder"
+    assert loud.returncode == 1 and loud.stderr.splitlines()[0] == message, loud.stderr[-2000:]
+    assert "subprocess.CalledProcessError" in loud.stderr and "returned non-zero exit status 2" in loud.stderr
+    assert silenced.returncode == 1 and silenced.stderr.strip() == message, silenced.stderr[-2000:]
