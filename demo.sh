@@ -24,13 +24,15 @@ echo "== 3/7 prepare_features.py: tagger vectors for every training image"
 python prepare_features.py --dataset_config configs/demo_dataset.toml --tagger_model "$out/models/demo-tagger"
 
 echo "== 4/7 train_pfg.py under accelerate: PFG head + full UNet"
-accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+# --quiet: a mistake shows as train_pfg.py's one `error:` line, without accelerate's traceback after it
+accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
     train_pfg.py --config_file configs/demo_train.toml
 
 echo "== 5/7 gen_pfg.py: images guided by held-out demo images"
+# Each line of the prompt file names its guide (--i); the images are NNNNN-SEED.png.
 python gen_pfg.py --pretrained_model_name_or_path "$out/train/demo.safetensors" \
     --pfg_weights "$out/train/demo-pfg.safetensors" --tagger_model "$out/models/demo-tagger" \
-    --image "$out/data/heldout/ruby_05.png" --from_file configs/demo_prompts.txt \
+    --from_file configs/demo_prompts.txt \
     --W 128 --H 128 --steps 20 --images_per_prompt 2 --outdir "$out/generated" --grid
 
 echo "== 6/7 eval_pfg.py: conditioning gain, denoising and generation retrieval on held-out images"
@@ -40,6 +42,6 @@ echo "== 7/7 done in $((SECONDS - started)) s. Outputs:"
 echo "  fitted demo models: $out/models/demo-tagger, $out/models/demo-sd1 (held-out images: $out/data/heldout)"
 echo "  trained PFG head:   $out/train/demo-pfg.safetensors"
 echo "  trained checkpoint: $out/train/demo.safetensors"
-echo "  generated images:   $out/generated/ (grid-*.png: guide images beside their results)"
-echo "  evaluation:         $out/eval/eval.json (the numbers above)"
+echo "  generated images:   $out/generated/ (NNNNN-SEED.png; grid-NNNNN.png: each prompt's guide beside its results, labelled)"
+echo "  evaluation:         $out/eval/eval.json (the numbers above, under the same labels; docs/BENCHMARKS.md explains them)"
 echo "  contact sheet:      $out/eval/contact_sheet.png (each held-out guide beside what the model generated from it)"

@@ -4,19 +4,28 @@
         --tagger_model TAGGER --dataset_config HELDOUT.toml --output_json eval.json \
         [--contact_sheet sheet.png] [--second_encoder CLIP_FOLDER] [--no-generate]
 
-Three numbers (library/evaluation/metrics.py computes them; the trainer's validation uses the same code):
-  conditioning gain     denoising loss with other images' vectors minus with the image's own,
-                        fixed seeded noise at --num_timesteps timesteps; bootstrap 95% interval
-  denoising retrieval   how often the own vector gives the lowest loss among --candidates K
-  generation retrieval  generate --images_per_guide images from each guide, encode them; cosine
-                        similarity to the own guide vs the others and top-1 retrieval (CLIP-I), per encoder
-The recipe: settings -> held-out items -> model, PFG head, encoders -> vectors and latents ->
+What it prints (each label is a key of eval.json; the table's legend says the same):
+  loss_own, loss_other         denoising loss with the image's own vector / with the other K-1
+                               candidates' vectors: fixed seeded noise at --num_timesteps timesteps
+  conditioning_gain            loss_other - loss_own, with a bootstrap 95% interval over images;
+                               pass: the interval lies above 0 (chance is 0)
+  denoising_retrieval          how often the own vector gives the lowest loss among --candidates K;
+                               chance 1/K, pass: at least 3x chance
+  generation_retrieval         generate --images_per_guide images from each guide, encode them with
+                               --tagger_model: how often the own guide is the most similar (cosine);
+                               chance 1/guides, pass: at least 2x chance; with own_similarity,
+                               other_similarity and per_guide (the hits of each guide)
+  generation_retrieval_second  the same with --second_encoder (a CLIP model: IP-Adapter's CLIP-I)
+library/evaluation/metrics.py computes them (the trainer's validation uses the same code). The
+recipe: settings -> held-out items -> model, PFG head, encoders -> vectors and latents ->
 denoising metrics -> generation -> table, JSON, contact sheet.
 
-JSON keys: model, pfg_weights, encoder, images, seed, denoising {timesteps, candidates,
-loss_own, loss_shuffled, gain {mean, low, high, above_zero}, retrieval {top1, chance, ratio}},
-generation (null with --no-generate) {prompt, sizes (WxH per guide), steps, scale, sampler, images_per_guide, encoder {own_similarity,
-other_similarity, top1, chance, ratio}, second_encoder (same keys, or null)}.
+eval.json: model, pfg_weights, encoder, images, seed, denoising {timesteps, candidates},
+generation {prompt, sizes (WxH per guide), steps, scale, sampler, images_per_guide} (null with
+--no-generate), loss_own, loss_other, conditioning_gain {value, low, high, chance, relative, pass},
+denoising_retrieval {value, chance, ratio, pass}, generation_retrieval and
+generation_retrieval_second {value, chance, ratio, pass, encoder, own_similarity,
+other_similarity, per_guide {IMAGE: {hits, images}}} (null when not measured), legend {label: text}.
 """
 from __future__ import annotations
 
@@ -42,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from library.evaluation.generation import generation_metrics
     from library.evaluation.held_out import item_features
     from library.evaluation.metrics import evaluate_denoising, load_eval_samples
-    from library.evaluation.report import format_table, write_outputs
+    from library.evaluation.report import build_result, format_table, write_outputs
     from library.models.pfg import check_compatible
     from library.train.trainer import PFGTrainer, StepOptions
 
@@ -72,21 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     denoising = evaluate_denoising(trainer, samples, settings.num_timesteps, settings.candidates, settings.seed, settings.n_boot)
 
     # 5. Generation retrieval, through the sampler gen_pfg.py uses.
-    generation, generated = None, []
+    generation = None
     if settings.generate:
-        generation, generated = generation_metrics(settings, model, adapter, encoder, second, prompt_encoder, items, features, device, dtype)
+        generation = generation_metrics(settings, model, adapter, encoder, second, prompt_encoder, items, features, device, dtype)
 
-    result = {
-        "model": settings.pretrained_model_name_or_path,
-        "pfg_weights": settings.pfg_weights,
-        "encoder": encoder.encoder_id if encoder else None,
-        "images": [item.image_path.name for item in items],
-        "seed": settings.seed,
-        "denoising": denoising.as_dict(),
-        "generation": generation,
-    }
+    # 6. The table (its labels are eval.json's keys), the JSON and the contact sheet.
+    result = build_result(settings, items, encoder.encoder_id if encoder else None, denoising, generation)
     print(format_table(result))
-    write_outputs(settings, result, items, generated)
+    write_outputs(settings, result, items, generation)
     return 0
 
 

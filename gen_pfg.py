@@ -4,6 +4,11 @@
     python gen_pfg.py --pretrained_model_name_or_path SD --pfg_weights NAME-pfg.safetensors \
         --tagger_model TAGGER --image guide.png --prompt "illustration of *" --outdir out/
 
+Outputs: OUTDIR/NNNNN-SEED.png, one per image, with the A1111 `parameters` that reproduce it;
+NNNNN counts every image of the folder (continuing after the highest number there), SEED is the
+image's seed (image k of a prompt: its seed + k), so a seed repeats across prompts, never a name.
+--grid adds OUTDIR/grid-NNNNN.png (NNNNN of the run's last image): a row per prompt.
+
 The recipe: settings -> model (+LoRA, +VAE) -> PFG head and encoder -> requests -> images.
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from library.sample.image_outputs import contact_sheet, next_index, save_png
+    from library.sample.image_outputs import grid_row, next_index, save_grid, save_png
     from library.models.loading import load_for_inference
     from library.models.pfg import check_compatible, load_pfg
     from library.sample.sampler import PFGSampler, a1111_parameters
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (request.width and request.height):
             request = sampler.sized(request)
             print(f"size {request.width}x{request.height} (chosen from the model; --W/--H set it)")
-        results = []
+        results, seeds = [], []
         for start in range(0, settings.images_per_prompt, settings.batch_size):
             count = min(settings.batch_size, settings.images_per_prompt - start)
             batch_request = request if start == 0 else _shift_seed(request, start)
@@ -81,13 +86,12 @@ def main(argv: list[str] | None = None) -> int:
                 save_png(image, path, parameters)
                 print(f"wrote {path}")
                 results.append(image)
+                seeds.append(seed)
                 index += 1
         if settings.grid:
-            grid_rows.append((_guide_thumbnail(request), results))
+            grid_rows.append(grid_row(request, results, seeds))
     if settings.grid:
-        sheet_path = outdir / f"grid-{index - 1:05d}.png"
-        save_png(contact_sheet(grid_rows), sheet_path, "contact sheet: guide image, then its results")
-        print(f"wrote {sheet_path}")
+        print(f"wrote {save_grid(grid_rows, outdir / f'grid-{index - 1:05d}.png')}")
     return 0
 
 
@@ -108,33 +112,45 @@ def build_requests(settings) -> list:
     defaults.validate("gen_pfg.py")
     requests = read_prompt_file(settings.from_file, defaults) if settings.from_file else [defaults]
     source = settings.from_file or "command line"
-    for request in requests:
+    for number, request in enumerate(requests, start=1):
+        where = f"{source}, prompt {number}" if settings.from_file else source
         guides = [*request.guides, *request.negative_guides]
         for guide in guides:
             if not Path(guide.path).is_file():
-                raise UserError(f"{source}: guide not found: {guide.path}")
+                raise UserError(f"{where}: {_missing_guide(guide.path)}")
             if not guide.path.endswith(".npz") and not settings.tagger_model:
-                raise UserError(f"{source}: guide image {guide.path} needs --tagger_model to become a vector")
+                raise UserError(f"{where}: guide image {guide.path} needs --tagger_model to become a vector")
         if guides and not settings.pfg_weights:
-            raise UserError(f"{source}: guide images ({guides[0].path}) need --pfg_weights")
+            raise UserError(f"{where}: guide images ({guides[0].path}) need --pfg_weights")
+        if settings.pfg_weights and not guides and request.pfg_scale != 0:
+            # The PFG head would be loaded and never used: an unguided image, without a word.
+            raise UserError(
+                f"{where}: --pfg_weights is given but no guide: pass --image GUIDE.png or --features X_pfg.npz"
+                + (" (or --i GUIDE.png on the prompt line)" if settings.from_file else "")
+                + "; for an unguided image on purpose, leave out --pfg_weights or set --pfg_scale 0"
+            )
         if request.init_image and not Path(request.init_image).is_file():
-            raise UserError(f"{source}: init image not found: {request.init_image}")
+            raise UserError(f"{where}: init image not found: {request.init_image}")
+    # A line without its own --i inherits the command line's guides: unused only when no line does.
+    if settings.from_file and defaults.guides and all(r.guides != defaults.guides for r in requests):
+        print(f"note: every line of {settings.from_file} has its own --i, so --image/--features are not used")
     for sampler in {r.sampler for r in requests}:
         make_scheduler(sampler, {})  # a sampler with a missing optional package fails here, not mid-run
     return requests
+
+
+def _missing_guide(text: str) -> str:
+    """Why a guide path is not a file: `guide.png:abc` names an existing file with a bad weight."""
+    head, sep, weight = text.rpartition(":")
+    if sep and Path(head).is_file():
+        return f"{text}: the weight {weight!r} is not a number (PATH:WEIGHT, e.g. {head}:0.5)"
+    return f"guide not found: {text}"
 
 
 def _shift_seed(request, offset: int):
     from dataclasses import replace
 
     return replace(request, seed=request.seed + offset)
-
-
-def _guide_thumbnail(request):
-    from library.data.images import load_image
-
-    images = [g.path for g in request.guides if not g.path.endswith(".npz")]
-    return load_image(images[0]) if images else None
 
 
 if __name__ == "__main__":

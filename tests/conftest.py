@@ -125,3 +125,11 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(kit_dir) -> Path:
+    """Tiny CLIP vision folder (transformers' CLIPVisionModelWithProjection, random weights)."""
+    from tools.make_tiny_clip_vision import build_tiny_clip_vision
+
+    return build_tiny_clip_vision(kit_dir / "tiny-clip-vision", seed=0)

@@ -15,12 +15,6 @@ from library.models.image_encoders import detect_encoder_kind, load_encoder
 from library.errors import UserError
 from library.data.features import feature_cache_path, read_encoder_id, read_feature
 from library.data.images import load_image
-from tools.make_tiny_clip_vision import build_tiny_clip_vision
-
-
-@pytest.fixture(scope="session")
-def tiny_clip(kit_dir):
-    return build_tiny_clip_vision(kit_dir / "tiny-clip-vision", seed=0)
 
 
 def _images(folder, n=3):

@@ -247,11 +247,57 @@ def test_encoder_width_mismatch_names_both_numbers(kit, capsys):
     assert "D=1024" in err and "D=768" in err and "wide_pfg.npz" in err
 
 
-def test_cross_attention_width_mismatch_names_both_numbers(kit, capsys):
+def test_cross_attention_width_mismatch_says_which_width_the_head_was_made_for(kit, tmp_path, capsys):
+    """A head trained for another model family: from its metadata (ours), or from its shape (an
+    original .pt without metadata whose rows are no whole number of this model's tokens)."""
     argv = ["--pretrained_model_name_or_path", kit["sd1"], *SIZE, "--outdir", kit["root"] / "never",
             "--pfg_weights", kit["pfg2"], "--tagger_model", kit["tagger"], "--image", kit["g0"]]
     err = _user_error(capsys, argv)
-    assert "C=64" in err and "C=32" in err and "pfg2-pfg.safetensors" in err
+    assert "pfg2-pfg.safetensors: the PFG head was made for a model of cross-attention width C=64; this model's width is C=32" in err
+    three_tokens = tmp_path / "three-pfg.pt"  # 3 tokens of SD1's tiny width 32: 96 rows, not a multiple of SD2's 64
+    torch.save(PFGAdapter(PFGShape(3, 768, 32)).state_dict(), three_tokens)
+    argv = ["--pretrained_model_name_or_path", kit["sd2"], *SIZE, "--outdir", kit["root"] / "never",
+            "--pfg_weights", three_tokens, "--tagger_model", kit["tagger"], "--image", kit["g0"]]
+    err = _user_error(capsys, argv)
+    assert "three-pfg.pt: the PFG head was made for a model of another cross-attention width; this model's width is C=64" in err
+    assert "96 output rows" in err and "--pfg_num_tokens" not in err
+
+
+def test_pfg_weights_without_any_guide_are_refused(kit, tmp_path, capsys):
+    """The head would load and never be used: an unguided image without a word. An unguided line
+    on purpose says so with --ps 0 (or --pfg_scale 0)."""
+    base = ["--pretrained_model_name_or_path", kit["sd1"], *SIZE, "--outdir", tmp_path / "never", *_pfg_args(kit)]
+    err = _user_error(capsys, base)
+    assert "command line: --pfg_weights is given but no guide: pass --image GUIDE.png or --features X_pfg.npz" in err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# a guided line, then an unguided one\na cat --i {kit['g0']} --d 1\na dog --d 2\n", encoding="utf-8")
+    err = _user_error(capsys, [*base, "--from_file", prompts])
+    assert f"{prompts}, prompt 2: --pfg_weights is given but no guide" in err and "--i GUIDE.png on the prompt line" in err
+    assert not (tmp_path / "never").exists()
+    prompts.write_text(f"a cat --i {kit['g0']} --d 1\na dog --d 2 --ps 0\n", encoding="utf-8")
+    guided, unguided = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--from_file", prompts)
+    assert "PFG images" in parse_a1111_parameters(read_parameters(guided))
+    assert "PFG" not in parse_a1111_parameters(read_parameters(unguided))
+
+
+def test_an_image_flag_every_prompt_line_overrides_is_reported(kit, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a cat --i {kit['g0']} --d 1\n", encoding="utf-8")
+    (only,) = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g1"], "--from_file", prompts)
+    assert f"note: every line of {prompts} has its own --i, so --image/--features are not used" in capsys.readouterr().out
+    assert parse_a1111_parameters(read_parameters(only))["PFG images"] == "guide0.png:1"
+    prompts.write_text(f"a cat --i {kit['g0']} --d 1\na dog --d 2\n", encoding="utf-8")  # the dog takes --image
+    own, inherited = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g1"], "--from_file", prompts)
+    assert "are not used" not in capsys.readouterr().out
+    assert parse_a1111_parameters(read_parameters(inherited))["PFG images"] == "guide1.png:1"
+
+
+def test_a_guide_weight_that_is_not_a_number_is_named(kit, capsys):
+    argv = ["--pretrained_model_name_or_path", kit["sd1"], *SIZE, "--outdir", kit["root"] / "never", *_pfg_args(kit),
+            "--image", f"{kit['g0']}:abc"]
+    err = _user_error(capsys, argv)
+    assert f"{kit['g0']}:abc: the weight 'abc' is not a number (PATH:WEIGHT, e.g. {kit['g0']}:0.5)" in err
+    assert "guide not found" in _user_error(capsys, [*argv[:-1], f"{kit['root']}/missing.png:abc"])
 
 
 # -- outputs ------------------------------------------------------------------------------------------
@@ -279,14 +325,22 @@ def test_parameters_text_quotes_and_multiline_prompts():
     assert fields["Model"] == "my, model" and fields["Seed"] == "5"
 
 
-def test_grid_writes_a_contact_sheet(kit, tmp_path):
-    outputs = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g0"], "--images_per_prompt", "2", "--grid")
+def test_grid_writes_a_labelled_contact_sheet(kit, tmp_path):
+    from library.sample.image_outputs import LINE
+
+    outputs = _run(tmp_path, kit["sd1"], *_pfg_args(kit), "--image", kit["g0"], "--images_per_prompt", "2", "--grid",
+                   "--prompt", "a red cat", seed=5)
     (sheet,) = outputs[0].parent.glob("grid-*.png")
-    assert len(outputs) == 2
+    assert len(outputs) == 2 and sheet.name == "grid-00001.png"  # named after the run's last image, 00001-6.png
+    assert read_parameters(sheet).splitlines()[1:] == ["row 1: a red cat | guide0.png | seed 5, seed 6"]
     with Image.open(sheet) as im:
-        assert im.size == (3 * 192, 192)  # guide, then its two results
-        cells = np.asarray(im.convert("RGB"))
-    assert cells[:, :192].std() > 0 and cells[:, 192:].std() > 0  # the guide and the results were drawn
+        assert im.size == (3 * 192, LINE + 192 + LINE)  # the prompt above; guide, then its two results; labels below
+        cells = np.asarray(im.convert("RGB")).astype(int)
+    title, images, labels = cells[:LINE], cells[LINE:LINE + 192], cells[LINE + 192:]
+    assert images[:, :192].std() > 0 and images[:, 192:].std() > 0  # the guide and the results were drawn
+    assert (title < 128).any() and (labels[:, :192] < 128).any()  # the prompt and the guide's name are written
+    seed5, seed6 = labels[:, 192:384], labels[:, 384:]
+    assert (seed5 < 128).any() and not np.array_equal(seed5, seed6)  # each result under its own seed
 
 
 # -- prompt files and samplers --------------------------------------------------------------------------
@@ -375,7 +429,8 @@ def test_sd2_v_prediction_model_generates_with_pfg(kit, tmp_path):
     [
         (["--W", "100"], "--W 100 is not a positive multiple of 8"),
         (["--H", "60"], "--H 60 is not a positive multiple of 8"),
-        (["--image", "x.png"], "need --pfg_weights"),
+        (["--image", "x.png"], "--image needs --pfg_weights"),
+        (["--image", "x.png", "--features", "x_pfg.npz"], "--image and --features need --pfg_weights"),
         (["--strength", "0.2", "--init_image", "x.png"], "steps x strength"),
         (["--sampler", "nope"], None),  # argparse lists the choices (exit 2 with usage)
     ],
@@ -392,7 +447,7 @@ def test_bad_options_fail_before_models_load(kit, tmp_path, capsys, args, messag
 
 def test_prompt_file_mistakes_fail_before_the_first_image(kit, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat --d 1\na dog --i missing.png\n", encoding="utf-8")
+    prompts.write_text(f"a cat --d 1 --i {kit['g0']}\na dog --i missing.png\n", encoding="utf-8")
     argv = ["--pretrained_model_name_or_path", str(kit["sd1"]), *_pfg_args(kit), "--from_file", str(prompts),
             "--outdir", str(tmp_path / "out")]
     with pytest.raises(UserError, match="guide not found: missing.png"):

@@ -88,8 +88,24 @@ def test_mismatched_widths_name_both_numbers():
     adapter = _adapter()
     with pytest.raises(UserError, match=r"D=8 .*D=1024"):
         check_compatible(adapter, "x-pfg.safetensors", input_dim=1024, cross_attention_dim=4)
-    with pytest.raises(UserError, match=r"C=4 .*C=768"):
+    with pytest.raises(UserError, match=r"made for a model of cross-attention width C=4; this model's width is C=768 \(SD1.x\)"):
         check_compatible(adapter, "x-pfg.safetensors", input_dim=8, cross_attention_dim=768)
+
+
+def test_a_head_of_another_model_family_says_which_width_it_was_made_for(tmp_path):
+    """Original .pt files carry no metadata: the shape tells what it can (7 SD2.x tokens are 7168
+    rows; 7 SDXL tokens, 14336, are also 14 of SD2.x's), never an impossible --pfg_num_tokens."""
+    for tokens, width, expected in ((7, 1024, "C=1024 (SD2.x)"), (7, 2048, "C=1024 (SD2.x) or C=2048 (SDXL)")):
+        path = tmp_path / f"head-{width}.pt"
+        torch.save(PFGAdapter(PFGShape(tokens, 8, width)).state_dict(), path)
+        with pytest.raises(UserError) as info:
+            load_pfg(path, cross_attention_dim=768)
+        assert f"made for a model of cross-attention width {expected}; this model's width is C=768 (SD1.x)" in str(info.value)
+        assert "pfg_num_tokens" not in str(info.value)
+    odd = tmp_path / "odd.pt"
+    torch.save(PFGAdapter(PFGShape(3, 8, 100)).state_dict(), odd)
+    with pytest.raises(UserError, match=r"odd.pt: its 300 output rows are not a whole number of tokens of any model family's width"):
+        load_pfg(odd)
 
 
 def test_not_a_pfg_file(tmp_path):

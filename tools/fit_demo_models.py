@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as a file: make `library` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -140,7 +141,7 @@ def _vae_round_trips(examples: list[tuple[object, dict]], model: Path) -> list[t
 
     vae = AutoencoderKL.from_pretrained(model / "vae").eval()
     decoded = []
-    for image, entry in examples:
+    for image, entry in tqdm(examples, desc="VAE round trips for the tagger", unit="img", leave=False):
         scale = VAE_SIZE / (image.width * image.height) ** 0.5
         size = (max(8, round(image.width * scale / 8) * 8), max(8, round(image.height * scale / 8) * 8))
         pixels = np.asarray(image.convert("RGB").resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
@@ -185,7 +186,8 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="fitting the tagger", unit="step")  # the latest loss beside it, as in training
+    for _ in bar:
         pick = torch.randint(0, len(inputs), (TAGGER_BATCH,), generator=generator)
         pooled = model.pooled(inputs[pick])
         # Tags through the classifier, as a WD tagger; plus identity in the vector's direction
@@ -196,6 +198,7 @@ def fit_tagger(train: list[tuple[Path, dict]], heldout: list[tuple[Path, dict]],
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     model.eval()
     print(f"tagger: {steps} steps on {len(inputs)} images ({len(train)} training + rendered, each also VAE-decoded), final loss {loss.item():.4f}")
     if heldout:
@@ -270,7 +273,8 @@ def fit_vae(base: Path, train: list[tuple[Path, dict]], heldout: list[tuple[Path
     optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
     schedule = get_scheduler("cosine", optimizer, num_warmup_steps=min(VAE_WARMUP, steps // 10), num_training_steps=steps)
     vae.train()
-    for _ in range(steps):
+    bar = tqdm(range(steps), desc="fitting the VAE", unit="step")
+    for _ in bar:
         pick = torch.randint(0, len(images), (VAE_BATCH,), generator=generator)
         x0, y0 = torch.randint(0, VAE_SIZE - VAE_CROP + 1, (2,), generator=generator).tolist()
         x = images[pick][:, :, y0 : y0 + VAE_CROP, x0 : x0 + VAE_CROP]
@@ -284,6 +288,7 @@ def fit_vae(base: Path, train: list[tuple[Path, dict]], heldout: list[tuple[Path
         loss.backward()
         optimizer.step()
         schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     vae.eval()
     _make_deterministic(vae)
     with torch.no_grad():

@@ -15,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `library` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library.errors import run_cli  # noqa: E402
 from library.fileio import atomic_dir  # noqa: E402
 
 MARKER = ".complete"
@@ -60,4 +61,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -31,6 +31,8 @@ from torch import nn
 if __package__ in (None, ""):  # run as a file: make `library` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from library import quiet  # noqa: E402
+from library.errors import run_cli  # noqa: E402
 from library.fileio import atomic_dir  # noqa: E402
 
 MARKER = ".complete"
@@ -151,8 +153,8 @@ def load_torch_tagger(folder: Path) -> TinyTagger:
 def _export(model: TinyTagger, path: Path) -> None:
     cfg = model.cfg
     example = torch.zeros(input_shape(cfg, 2))  # batch 2 so the exporter cannot specialise on 1
-    with warnings.catch_warnings():  # the exporter's deprecation chatter says nothing about our model
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings():  # the exporter's own deprecation note says nothing about our model
+        quiet.ignore_warnings()
         torch.onnx.export(
             model,
             (example,),
@@ -231,4 +233,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

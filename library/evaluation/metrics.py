@@ -6,9 +6,10 @@ The public API, shared by eval_pfg.py and the trainer's validation:
     report = evaluate_denoising(trainer, samples, timesteps=8, candidates=8, seed=0)
     report.gain          # Interval: mean denoising loss with others' vectors minus with its own
     report.retrieval     # Retrieval: how often its own vector gives the lowest loss (vs 1/K)
-    report.as_dict()     # plain numbers for JSON and loggers
 
-    generation_retrieval(generated_vectors, guide_vectors)   # CLIP-I style, after generating
+    generation_retrieval(generated_vectors, guide_vectors)   # CLIP-I style, after generating; .per_guide(n)
+
+library/evaluation/report.py turns these into eval_pfg.py's table and eval.json.
 
 The building blocks are public too: `eval_timesteps`, `candidate_sets`, `denoising_losses`,
 `conditioning_gain` (bootstrap interval), `denoising_retrieval`, `cosine_matrix`.
@@ -21,7 +22,7 @@ training objective itself, through `trainer.for_evaluation()`: PFG dropout and M
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -105,12 +106,16 @@ class SimilarityReport:
     own_similarity: float  # mean cosine of a generated image to its own guide
     other_similarity: float  # mean cosine to the other guides
     retrieval: Retrieval  # its own guide is the most similar one, among all guides
+    owners: tuple[int, ...]  # generated image r was made from guide owners[r]
+    nearest: tuple[int, ...]  # the guide most similar to generated image r
 
-    def as_dict(self) -> dict:
-        return {
-            "own_similarity": self.own_similarity, "other_similarity": self.other_similarity,
-            "top1": self.retrieval.top1, "chance": self.retrieval.chance, "ratio": self.retrieval.ratio,
-        }
+    def per_guide(self, num_guides: int) -> list[tuple[int, int]]:
+        """(hits, images) of each guide: an overall top-1 can hide a guide that never works."""
+        counts = [[0, 0] for _ in range(num_guides)]
+        for owner, nearest in zip(self.owners, self.nearest):
+            counts[owner][0] += int(owner == nearest)
+            counts[owner][1] += 1
+        return [(hits, images) for hits, images in counts]
 
 
 def generation_retrieval(generated: torch.Tensor, guides: torch.Tensor, owners: torch.Tensor | None = None) -> SimilarityReport:
@@ -122,8 +127,12 @@ def generation_retrieval(generated: torch.Tensor, guides: torch.Tensor, owners: 
     owners = torch.arange(rows) if owners is None else owners
     own = sim[torch.arange(rows), owners]
     other = (sim.sum() - own.sum()) / max(1, rows * (n - 1))
-    hits = sim.argmax(dim=1) == owners
-    return SimilarityReport(float(own.mean()), float(other), Retrieval(float(hits.float().mean()), 1.0 / n))
+    nearest = sim.argmax(dim=1)
+    hits = nearest == owners
+    return SimilarityReport(
+        float(own.mean()), float(other), Retrieval(float(hits.float().mean()), 1.0 / n),
+        tuple(owners.tolist()), tuple(nearest.tolist()),
+    )
 
 
 # -- denoising losses -----------------------------------------------------------------------
@@ -179,14 +188,6 @@ class DenoisingReport:
     loss_shuffled: float
     gain: Interval
     retrieval: Retrieval
-
-    def as_dict(self) -> dict:
-        return {
-            "timesteps": self.timesteps, "candidates": self.candidates,
-            "loss_own": self.loss_own, "loss_shuffled": self.loss_shuffled,
-            "gain": {**asdict(self.gain), "above_zero": self.gain.above_zero},
-            "retrieval": {"top1": self.retrieval.top1, "chance": self.retrieval.chance, "ratio": self.retrieval.ratio},
-        }
 
 
 def evaluate_denoising(trainer, samples: list[EvalSample], timesteps: int = 8, candidates: int = 8, seed: int = 0, n_boot: int = 1000) -> DenoisingReport:

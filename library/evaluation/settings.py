@@ -26,10 +26,10 @@ class EvalSettings(ModelSettings):
     # generation retrieval
     generate: bool = setting(True, "also generate from every held-out image and measure its similarity (--no-generate skips)")
     images_per_guide: int = setting(4, "images generated from each guide (seeds differ); more average out the luck of single seeds")
-    second_encoder: str = setting("", "an independent encoder for generation retrieval too (e.g. a CLIP vision folder)")
+    second_encoder: str = setting("", "an independent encoder for generation retrieval too: generation_retrieval_second (a CLIP vision folder gives IP-Adapter's CLIP-I)")
     # outputs and devices
     output_json: str = setting("", "write every number as JSON here")
-    contact_sheet: str = setting("", "write a PNG here: each guide image beside what the model generated from it")
+    contact_sheet: str = setting("", "write a PNG here: each guide image beside what the model generated from it, each labelled with the guide it is nearest to")
 
     def validate(self) -> None:
         self.validate_model()

@@ -113,7 +113,7 @@ def combine_features(features: list[torch.Tensor], weights: list[float]) -> torc
 # Files
 
 
-def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_tokens: int | None) -> PFGShape:
+def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_tokens: int) -> PFGShape:
     if "pfg_linear.weight" in state:
         weight = state["pfg_linear.weight"]
         hidden = 0
@@ -124,22 +124,45 @@ def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_token
         raise UserError(f"{where}: not a PFG file (no 'pfg_linear.weight'; keys: {sorted(state)[:6]})")
     out_dim = weight.shape[0]
     input_dim = state["pfg_mlp.0.weight"].shape[1] if hidden else weight.shape[1]
-    if num_tokens is None:
-        raise UserError(f"{where}: the token count is unknown; pass --pfg_num_tokens")
     if out_dim % num_tokens:
         raise UserError(f"{where}: output width {out_dim} is not divisible by {num_tokens} tokens")
     pooled = int(state["pfg_pooled.weight"].shape[0]) if "pfg_pooled.weight" in state else 0
     return PFGShape(num_tokens, input_dim, out_dim // num_tokens, hidden, pooled)
 
 
-def _guess_num_tokens(out_dim: int, cross_attention_dim: int | None) -> int | None:
-    """Original `.pt` files carry no metadata: N = rows / C when the model's C is known."""
-    if cross_attention_dim and out_dim % cross_attention_dim == 0:
-        return out_dim // cross_attention_dim
-    for width in (768, 1024, 2048):  # SD1.x, SD2.x, SDXL
-        if out_dim % width == 0:
-            return out_dim // width
-    return None
+# The cross-attention widths C of the model families, for messages and metadata-less files.
+FAMILY_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+
+def _width_name(width: int) -> str:
+    return f"C={width} ({FAMILY_WIDTHS[width]})" if width in FAMILY_WIDTHS else f"C={width}"
+
+
+def _num_tokens(where: str, rows: int, metadata: dict[str, str], cross_attention_dim: int | None) -> int:
+    """N: from the metadata (pfg.num_tokens, else rows / pfg.cross_attention_dim); for original
+    `.pt` files, which carry none, rows / C of the model it is loaded for, else of the first
+    model family's width that divides the rows."""
+    if "pfg.num_tokens" in metadata:
+        return int(metadata["pfg.num_tokens"])
+    made_for = int(metadata.get("pfg.cross_attention_dim", 0))
+    if made_for and rows % made_for == 0:
+        return rows // made_for  # check_compatible then names both widths
+    fits = [width for width in FAMILY_WIDTHS if rows % width == 0]
+    if cross_attention_dim:
+        if rows % cross_attention_dim == 0:
+            return rows // cross_attention_dim
+        made = "cross-attention width " + " or ".join(_width_name(w) for w in fits) if fits else "another cross-attention width"
+        raise UserError(
+            f"{where}: the PFG head was made for a model of {made}; this model's width is {_width_name(cross_attention_dim)} "
+            f"(its {rows} output rows are not a whole number of {cross_attention_dim}-wide tokens): "
+            "use the head with the model family it was trained for"
+        )
+    if fits:
+        return rows // fits[0]
+    raise UserError(
+        f"{where}: its {rows} output rows are not a whole number of tokens of any model family's width "
+        f"({', '.join(map(str, FAMILY_WIDTHS))}), and it has no pfg.num_tokens metadata"
+    )
 
 
 def _normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,11 +194,10 @@ def load_pfg(path: str | Path, cross_attention_dim: int | None = None) -> tuple[
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a PFG file (expected a dict of tensors, got {type(state).__name__})")
     state = _normalise_keys(state)
-    num_tokens = int(metadata["pfg.num_tokens"]) if "pfg.num_tokens" in metadata else None
-    if num_tokens is None:
-        rows = (state.get("pfg_linear.weight") if "pfg_linear.weight" in state else state.get("pfg_mlp.2.weight"))
-        num_tokens = _guess_num_tokens(rows.shape[0], cross_attention_dim) if rows is not None else None
-    shape = _shape_from_state_dict(state, str(path), num_tokens)
+    rows = state.get("pfg_linear.weight", state.get("pfg_mlp.2.weight"))
+    if rows is None:
+        raise UserError(f"{path}: not a PFG file (no 'pfg_linear.weight'; keys: {sorted(state)[:6]})")
+    shape = _shape_from_state_dict(state, str(path), _num_tokens(str(path), rows.shape[0], metadata, cross_attention_dim))
     adapter = PFGAdapter(shape)
     try:
         adapter.load_state_dict(state)
@@ -193,8 +215,8 @@ def check_compatible(adapter: PFGAdapter, source: str, input_dim: int | None, cr
         )
     if cross_attention_dim is not None and shape.cross_attention_dim != cross_attention_dim:
         raise UserError(
-            f"{source}: PFG token width C={shape.cross_attention_dim} does not match the UNet's "
-            f"cross-attention width C={cross_attention_dim}"
+            f"{source}: the PFG head was made for a model of cross-attention width {_width_name(shape.cross_attention_dim)}; "
+            f"this model's width is {_width_name(cross_attention_dim)}: use the head with the model family it was trained for"
         )
 
 

@@ -48,7 +48,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class GenSettings(ModelSettings):
-    image: list[str] = setting([], "guide image PATH[:WEIGHT], repeatable; vectors are averaged by weight")
+    image: list[str] = setting([], "guide image PATH[:WEIGHT], repeatable; vectors are averaged by weight; with --from_file, the guide of the lines without their own --i")
     negative_image: list[str] = setting([], "guide image whose tokens replace the padding of the unconditional branch")
     features: list[str] = setting([], "precomputed *_pfg.npz vector files used as guides (no tagger needed), PATH[:WEIGHT]")
     from_file: str = setting("", "prompt file, one image request per prompt: kohya's .txt lines (--n --w --h --d --s --l --ss, our --i --ni --ps), .toml or .json")
@@ -57,8 +57,8 @@ class GenSettings(ModelSettings):
     batch_size: int = setting(1, "images generated together")
     init_image: str = setting("", "img2img: start from this image")
     strength: float = setting(0.75, "img2img denoising strength")
-    outdir: str = setting("outputs", "output folder")
-    grid: bool = setting(False, "also write a contact sheet: guide images beside their results")
+    outdir: str = setting("outputs", "output folder: NNNNN-SEED.png, NNNNN counting on from the highest number already there (reruns never overwrite)")
+    grid: bool = setting(False, "also write grid-NNNNN.png: one row per prompt, its guide image beside its results, labelled with the prompt, guide names and seeds")
     sdpa: bool = setting(False, "torch scaled-dot-product attention", default_note="used unless --xformers")
     xformers: bool = setting(False, "xformers attention (CUDA only, optional install)")
     vae_slicing: bool = setting(False, "decode one image at a time (less memory)")
@@ -71,7 +71,8 @@ class GenSettings(ModelSettings):
         guides = [*self.image, *self.negative_image, *self.features]
         if guides and not self.pfg_weights:
             flags = [f for f, v in (("--image", self.image), ("--negative_image", self.negative_image), ("--features", self.features)) if v]
-            raise UserError(f"{' and '.join(flags)} need --pfg_weights (the PFG head that turns guide vectors into tokens)")
+            verb = "needs" if len(flags) == 1 else "need"
+            raise UserError(f"{' and '.join(flags)} {verb} --pfg_weights (the PFG head that turns guide vectors into tokens)")
         if not self.tagger_model and any(not _is_vector_file(p) for p in [*self.image, *self.negative_image]):
             raise UserError("--image and --negative_image need --tagger_model to turn a guide image into a vector (or pass a *_pfg.npz with --features)")
         if self.images_per_prompt < 1 or self.batch_size < 1:
