@@ -261,7 +261,9 @@ def config_from_train_data_dir(
             subsets.append({"image_dir": str(folder), "metadata_file": str(metadata_file)})
             continue
         found = []
-        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        with os.scandir(folder) as entries:  # the entry's own type: no stat per image of a flat 100k folder
+            subfolders = sorted(Path(entry.path) for entry in entries if entry.is_dir())
+        for sub in subfolders:
             repeats, _, tokens = sub.name.partition("_")
             if repeats.isdigit() and int(repeats) > 0:
                 found.append({"image_dir": str(sub), "num_repeats": int(repeats), "is_reg": is_reg,
