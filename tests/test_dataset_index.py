@@ -25,13 +25,7 @@ from library.errors import UserError
 from tests.dataset_copies import small_dataset_copy
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # tests/conftest.py
 
 
 @pytest.fixture(scope="session")

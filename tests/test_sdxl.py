@@ -114,13 +114,6 @@ def test_text_states_and_pooled_match_diffusers(tiny_sdxl, sdxl_model):
 
 
 # ---------------------------------------------------------------------------------- training
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 def _train(model, dataset, out, *extra: str) -> None:
