@@ -108,7 +108,7 @@ class TrainSettings:
     no_half_vae: bool = setting(False, "keep the VAE in fp32 under --mixed_precision fp16/bf16 (kohya's flag)")
     full_fp16: bool = setting(False, "keep the trained weights themselves in fp16 (needs --mixed_precision fp16; kohya's flag)")
     cache_latents: bool = setting(False, "encode all latents once before training and keep them in memory")
-    cache_latents_to_disk: bool = setting(False, "like --cache_latents but stored in validated *_sd.npz files")
+    cache_latents_to_disk: bool = setting(False, "encode missing latents once into validated *_sd.npz files; each batch then reads its own from them (memory does not grow with the dataset)")
     dataloader_workers: int = setting(0, "DataLoader worker processes", flags=("--max_data_loader_n_workers",))
     persistent_data_loader_workers: bool = setting(False, "kohya's flag, accepted: here the workers start with each epoch's loader")
     # kohya's dataset flags: the dataset without a TOML (--train_data_dir), and the lowest fallback of every TOML key
