@@ -113,7 +113,8 @@ def combine_features(features: list[torch.Tensor], weights: list[float]) -> torc
 # Files
 
 
-def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_tokens: int) -> PFGShape:
+def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, metadata: dict[str, str],
+                           cross_attention_dim: int | None) -> PFGShape:
     if "pfg_linear.weight" in state:
         weight = state["pfg_linear.weight"]
         hidden = 0
@@ -123,6 +124,7 @@ def _shape_from_state_dict(state: dict[str, torch.Tensor], where: str, num_token
     else:
         raise UserError(f"{where}: not a PFG file (no 'pfg_linear.weight'; keys: {sorted(state)[:6]})")
     out_dim = weight.shape[0]
+    num_tokens = _num_tokens(where, out_dim, metadata, cross_attention_dim)
     input_dim = state["pfg_mlp.0.weight"].shape[1] if hidden else weight.shape[1]
     if out_dim % num_tokens:
         raise UserError(f"{where}: output width {out_dim} is not divisible by {num_tokens} tokens")
@@ -136,6 +138,11 @@ FAMILY_WIDTHS = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
 def _width_name(width: int) -> str:
     return f"C={width} ({FAMILY_WIDTHS[width]})" if width in FAMILY_WIDTHS else f"C={width}"
+
+
+def _made_for_another_width(where: str, made: str, width: int, detail: str = "") -> UserError:
+    return UserError(f"{where}: the PFG head was made for a model of {made}; this model's width is {_width_name(width)}"
+                     f"{detail}: use the head with the model family it was trained for")
 
 
 def _num_tokens(where: str, rows: int, metadata: dict[str, str], cross_attention_dim: int | None) -> int:
@@ -152,11 +159,8 @@ def _num_tokens(where: str, rows: int, metadata: dict[str, str], cross_attention
         if rows % cross_attention_dim == 0:
             return rows // cross_attention_dim
         made = "cross-attention width " + " or ".join(_width_name(w) for w in fits) if fits else "another cross-attention width"
-        raise UserError(
-            f"{where}: the PFG head was made for a model of {made}; this model's width is {_width_name(cross_attention_dim)} "
-            f"(its {rows} output rows are not a whole number of {cross_attention_dim}-wide tokens): "
-            "use the head with the model family it was trained for"
-        )
+        raise _made_for_another_width(where, made, cross_attention_dim,
+                                      f" (its {rows} output rows are not a whole number of {cross_attention_dim}-wide tokens)")
     if fits:
         return rows // fits[0]
     raise UserError(
@@ -194,10 +198,7 @@ def load_pfg(path: str | Path, cross_attention_dim: int | None = None) -> tuple[
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a PFG file (expected a dict of tensors, got {type(state).__name__})")
     state = _normalise_keys(state)
-    rows = state.get("pfg_linear.weight", state.get("pfg_mlp.2.weight"))
-    if rows is None:
-        raise UserError(f"{path}: not a PFG file (no 'pfg_linear.weight'; keys: {sorted(state)[:6]})")
-    shape = _shape_from_state_dict(state, str(path), _num_tokens(str(path), rows.shape[0], metadata, cross_attention_dim))
+    shape = _shape_from_state_dict(state, str(path), metadata, cross_attention_dim)
     adapter = PFGAdapter(shape)
     try:
         adapter.load_state_dict(state)
@@ -214,10 +215,7 @@ def check_compatible(adapter: PFGAdapter, source: str, input_dim: int | None, cr
             f"{source}: PFG input width D={shape.input_dim} does not match the image encoder's vector width D={input_dim}"
         )
     if cross_attention_dim is not None and shape.cross_attention_dim != cross_attention_dim:
-        raise UserError(
-            f"{source}: the PFG head was made for a model of cross-attention width {_width_name(shape.cross_attention_dim)}; "
-            f"this model's width is {_width_name(cross_attention_dim)}: use the head with the model family it was trained for"
-        )
+        raise _made_for_another_width(source, f"cross-attention width {_width_name(shape.cross_attention_dim)}", cross_attention_dim)
 
 
 def pfg_metadata(shape: PFGShape, encoder_id: str) -> dict[str, str]:
