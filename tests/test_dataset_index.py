@@ -265,3 +265,22 @@ def test_a_damaged_or_foreign_index_is_rebuilt_with_a_message(prepared_dataset, 
     capsys.readouterr()
     _items(toml)
     assert "rebuilding" not in capsys.readouterr().out  # rebuilt: trusted again
+
+
+def test_an_image_folder_that_cannot_hold_the_index_is_read_without_it(prepared_dataset, tmp_path, monkeypatch, capsys):
+    """Images on a read-only (or full) file system: writing the index fails as the disk refuses it
+    (fileio's WriteFailed), and the start goes on with a note instead of stopping."""
+    import errno
+
+    from library.fileio import failures_said
+
+    def read_only(path, *args, **kwargs):
+        with failures_said(Path(path)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    toml = small_dataset_copy(prepared_dataset, tmp_path / "data", 3)
+    monkeypatch.setattr(index_module, "atomic_path", read_only)
+    items, failures = _items(toml, DatasetIndex(say=print))
+    assert len(items) == 3 and not failures
+    assert "note: cannot write the index" in capsys.readouterr().out
+    assert not index_path(items[0].subset.image_dir, None).exists()

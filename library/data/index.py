@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from library.data.images import IMAGE_EXTENSIONS, ImageLoadError, image_size
-from library.fileio import atomic_path, is_stale_temporary
+from library.fileio import WriteFailed, atomic_path, is_stale_temporary
 
 MAGIC = b"PFGINDEX"
 VERSION = 1
@@ -207,8 +207,9 @@ class FolderIndex:
                   "vector_row": vector_row, "latents": latents}
         try:
             self._write([self.names[r] for r in keep], tables, stored, dim)
-        except OSError as e:
-            self.say(f"note: cannot write the index {self.path} ({e.strerror or e}); the next start reads every file again")
+        except (OSError, WriteFailed) as e:  # a read-only or full image folder: the run goes on without it
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            self.say(f"note: cannot write the index {self.path} ({reason}); the next start reads every file again")
             return
         self._dirty = False
         self._load()  # the vectors now come from the file, shared with the other processes; the
