@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from library.data.augment import bucket_image, to_tensor
+from library.data.augment import sample_pixels
 from library.data.buckets import BucketAssignment
-from library.data.images import ImageLoadError, load_image
+from library.data.images import ImageLoadError
 from library.errors import UserError
 from library.fileio import atomic_path
 
@@ -61,11 +60,9 @@ def vae_id(vae: torch.nn.Module) -> str:
 
 def bucket_pixels(image_path: Path, assignment: BucketAssignment, flip: bool = False,
                   interpolation: str | None = None) -> torch.Tensor:
-    """Load, resize to cover the bucket, crop, optionally mirror; (3, H, W) in [-1, 1]."""
-    image = bucket_image(load_image(image_path), assignment, interpolation)
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    """Load, resize to cover the bucket, crop, optionally mirror; (3, H, W) in [-1, 1]: a training
+    sample's pixels without colour shift or mask."""
+    return sample_pixels(image_path, assignment, flip, interpolation)[0]
 
 
 @torch.no_grad()
@@ -133,9 +130,8 @@ def latent_cache_matches(path: Path, assignment: BucketAssignment, image_path: P
                     and int(data["source_size"]) == size and float(data["source_mtime"]) == mtime
                     and (not need_flipped or "latents_flipped" in data.files)):
                 return False
-        with zipfile.ZipFile(path) as archive:
             names = ["latents", "latents_flipped"] if need_flipped else ["latents"]
-            shapes = [_npy_shape(archive, name) for name in names]
+            shapes = [_npy_shape(data.zip, name) for name in names]  # the open archive: no second open
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):
         return False
     return all(len(shape) == 3 and shape[1] * 8 == bucket_h and shape[2] * 8 == bucket_w for shape in shapes)
