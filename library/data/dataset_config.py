@@ -31,13 +31,14 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import toml
 
 from library.data.captions import CaptionOptions
-from library.data.dataset_schema import (  # noqa: F401  (parse_resolution: imported from here by the scripts)
+from library.data.dataset_schema import (
     DATASET_KEYS, GENERAL, GENERAL_ALLOWED, INTERPOLATIONS, NOT_APPLICABLE, SUBSET_KEYS, SUBSET_ONLY_KEYS, Problems,
     array_of_tables, check_table, dataset_name, describe, parse_resolution, subset_name,
 )
@@ -153,7 +154,7 @@ class SubsetConfig:
     encoder: str | None  # expected encoder id of the feature caches; None: accept the one in use
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)  # key -> where set
 
-    @property
+    @cached_property  # read for every sample: built once per subset
     def caption_options(self) -> CaptionOptions:
         return CaptionOptions(**{f.name: getattr(self, f.name) for f in fields(CaptionOptions)})
 

@@ -220,16 +220,12 @@ class TrainSettings:
 
     @property
     def resolution_wh(self) -> tuple[int, int]:
-        parts = [p for p in self.resolution.replace("x", ",").split(",") if p.strip()]
+        from library.data.dataset_schema import parse_resolution  # the dataset's own parser: one rule for --resolution
+
         try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            raise UserError(f"--resolution must be 'W' or 'W,H', got {self.resolution!r}") from None
-        if len(values) == 1:
-            values = values * 2
-        if len(values) != 2 or min(values) <= 0:
-            raise UserError(f"--resolution must be 'W' or 'W,H', got {self.resolution!r}")
-        return values[0], values[1]
+            return parse_resolution(self.resolution)
+        except ValueError as e:
+            raise UserError(f"--resolution: {e}") from None
 
     def validate(self) -> None:
         """Impossible combinations fail here, before any model loads."""
