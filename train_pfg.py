@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"skipped {failure.path}: {failure.reason}")
     if not items:
         raise UserError(f"{dataset_config.source}: no usable images found")
-    ensure_features(dataset_config, settings, accelerator)
+    ensure_features(dataset_config, settings, accelerator, data_index)
     features, encoder_id = load_feature_table(items, data_index)
     (items, features), (held_out, held_out_features) = split_validation(items, features, dataset_config, settings)
     accelerator.print(f"{len(items)} images, PFG vectors of width {features.shape[1]} ({encoder_id})"
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ensure_features(dataset_config, settings, accelerator) -> None:
+def ensure_features(dataset_config, settings, accelerator, index) -> None:
     """With --tagger_model, bring the vector caches up to date with prepare_features.py's own job
     over the same dataset: it keeps the valid ones and recomputes missing ones, those of edited
     images and those of another encoder (each process takes its share, as when it runs alone)."""
@@ -170,7 +170,7 @@ def ensure_features(dataset_config, settings, accelerator) -> None:
     from library.prepare.settings import PrepareSettings
 
     status = prepare_features(PrepareSettings(dataset_config=settings.dataset_config, train_data_dir=settings.train_data_dir,
-                                              tagger_model=settings.tagger_model), dataset_config)
+                                              tagger_model=settings.tagger_model), dataset_config, index)
     # Every process learns of a failure in any share, or the others would wait for it forever.
     failed = accelerator.gather(torch.tensor([int(bool(status))], device=accelerator.device)).nonzero().flatten().tolist()
     if failed:

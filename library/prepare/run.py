@@ -30,12 +30,13 @@ from library.prepare.settings import PrepareSettings
 T = TypeVar("T")
 
 
-def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = None) -> int:
+def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = None, index: DatasetIndex | None = None) -> int:
     """Run the job; 0 when every image has its caches, 1 when some failed (each reported). `config`
-    is the dataset as train_pfg.py resolved it (its command-line fallbacks), else it is loaded here."""
+    is the dataset as train_pfg.py resolved it (its command-line fallbacks), else it is loaded here;
+    `index` is train_pfg.py's, so the vectors written here are recorded where training reads them."""
     config = config or load_config(settings)
     subsets = [subset for _, subset in config.iter_subsets()]
-    index = DatasetIndex(main=os.environ.get("LOCAL_RANK", "0") == "0")
+    index = index if index is not None else DatasetIndex(main=os.environ.get("LOCAL_RANK", "0") == "0")
     folders: dict[Path, FolderIndex] = {}  # image -> its folder's index
     jobs, clashes = split_duplicates(collect_jobs(subsets, index, folders))  # before sharing: clashes span processes
     jobs, clashes = process_share(jobs), process_share(clashes)
