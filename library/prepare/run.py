@@ -17,8 +17,8 @@ from typing import TypeVar
 import numpy as np
 
 from library.data.dataset_config import DatasetConfig, DatasetDefaults, SubsetConfig, config_from_train_data_dir, load_dataset_config
-from library.data.dataset import subset_images
-from library.data.features import feature_cache_path, load_valid_feature, read_cache
+from library.data.dataset import indexed_images
+from library.data.features import feature_cache_path, read_cache
 from library.data.images import IMAGE_EXTENSIONS
 from library.data.index import DatasetIndex, FolderIndex
 from library.data.tags import CaptionWriter, load_tag_list
@@ -51,8 +51,6 @@ def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = N
     def needs_run(job: Job) -> bool:
         if captions is not None and captions.wanted(job.image):
             return True  # the tags come from the forward pass, so a missing caption means running it
-        if job.image not in folders:  # a metadata_file's entry: checked from its cache file
-            return load_valid_feature(job.cache, encoder.encoder_id, job.image) is None
         try:
             record = folders[job.image].feature(job.image, job.cache, read_cache)
         except UserError:  # unreadable: recompute it
@@ -60,8 +58,7 @@ def prepare_features(settings: PrepareSettings, config: DatasetConfig | None = N
         return record is None or not (record.encoder_id == encoder.encoder_id and record.current and record.finite)
 
     def written(job: Job, vector: np.ndarray) -> None:
-        if job.image in folders:
-            folders[job.image].record_feature(job.image, job.cache, encoder.encoder_id, vector)
+        folders[job.image].record_feature(job.image, job.cache, encoder.encoder_id, vector)
 
     todo = [j for j in jobs if needs_run(j)]
     skipped = len(jobs) - len(todo)
@@ -119,23 +116,18 @@ def subfolder_subsets(subset: SubsetConfig) -> list[SubsetConfig]:
 
 
 def collect_jobs(subsets: list[SubsetConfig], index: DatasetIndex, folders: dict[Path, FolderIndex]) -> list[Job]:
-    """Every image of the subsets with its cache path, listed through the folder indexes."""
+    """Every image of the subsets with its cache path, listed through the folder indexes as
+    training lists them (a metadata_file's entries through the index of the folder each is in)."""
     jobs: list[Job] = []
     for subset in subsets:
-        if subset.metadata_file is not None:  # the file's entries, not the folder: no folder index
-            listed, missing = subset_images(subset)
-            for error in missing:
-                print(f"skipped {error.path}: {error.reason}")
-            images, folder = [path for path, _ in listed], None
-        else:
-            folder = index.folder(subset.image_dir, subset.cache_dir)
-            images = [image.path for image in folder.images()]
+        images, missing = indexed_images(subset, index)
+        for error in missing:
+            print(f"skipped {error.path}: {error.reason}")
         if not images:
             print(f"warning: no images in {subset.metadata_file or subset.image_dir} ({subset.name})")
-        for path in images:
-            if folder is not None:
-                folders[path] = folder
-            jobs.append(Job(path, feature_cache_path(path, subset.cache_dir)))
+        for image, _ in images:  # unreadable ones too: their decode reports them
+            folders[image.path] = index.folder(image.path.parent, subset.cache_dir)
+            jobs.append(Job(image.path, feature_cache_path(image.path, subset.cache_dir)))
     if not jobs:
         raise UserError("no images found (extensions: " + " ".join(IMAGE_EXTENSIONS) + ")")
     return jobs
